@@ -1,0 +1,142 @@
+"""Read a prepared folder: manifest, splits, single cases, and a ``ray.data.Dataset`` of cases.
+
+Decoded cases are dicts with ``image`` (X, Y, Z) float32 and ``label`` (X, Y, Z) uint8 in
+global class ids; an unlabelled case's label is filled with ``UNLABELLED`` (255) so that
+downstream code cannot mistake "not annotated" for background.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from data_prep import SCHEMA_VERSION
+from data_prep.errors import DataPrepError
+from data_prep.splits import fraction_key
+
+UNLABELLED = 255
+MANIFEST = "manifest.json"
+SPLITS = "splits.json"
+
+
+def _load(path: Path) -> dict:
+    if not path.exists():
+        raise DataPrepError(
+            f"{path.name} not found: is this the --out folder of `python -m data_prep prepare`?",
+            path=str(path.parent),
+        )
+    return json.loads(path.read_text())
+
+
+def read_manifest(out: str | os.PathLike) -> dict:
+    manifest = _load(Path(out) / MANIFEST)
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DataPrepError(
+            f"prepared with schema version {manifest.get('schema_version')}, this version reads "
+            f"{SCHEMA_VERSION}: run `python -m data_prep prepare` again",
+            path=str(out),
+        )
+    return manifest
+
+
+def read_splits(out: str | os.PathLike) -> dict:
+    return _load(Path(out) / SPLITS)
+
+
+def select_case_ids(
+    out: str | os.PathLike,
+    *,
+    split: str | None = None,
+    label_fraction: float | None = None,
+    sources: list[str] | None = None,
+) -> list[str]:
+    """Case ids of a split ("train", "val", "test", "unlabelled"; None = all cases), optionally
+    the label-fraction subset of train, optionally restricted to some sources."""
+    manifest = read_manifest(out)
+    if split is None and label_fraction is None:
+        ids = list(manifest["cases"])
+    else:
+        splits = read_splits(out)
+        if label_fraction is not None:
+            key = fraction_key(label_fraction)
+            if key not in splits["label_fractions"]:
+                raise ValueError(
+                    f"label fraction {label_fraction} is not in splits.json; available: "
+                    f"{sorted(splits['label_fractions'], key=float)}"
+                )
+            ids = splits["label_fractions"][key]
+        else:
+            if split not in ("train", "val", "test", "unlabelled"):
+                raise ValueError(f"unknown split {split!r}; use train, val, test or unlabelled")
+            ids = splits[split]
+    if sources is not None:
+        unknown = set(sources) - set(manifest["sources"])
+        if unknown:
+            raise ValueError(
+                f"unknown sources {sorted(unknown)}; known: {sorted(manifest['sources'])}"
+            )
+        ids = [i for i in ids if manifest["cases"][i]["source"] in sources]
+    return sorted(ids)
+
+
+def decode_case(row: dict) -> dict:
+    """Turn a Parquet row into arrays. Used by ``read_cases`` (Ray Data) and ``load_case``."""
+    shape = tuple(int(s) for s in row["shape"])
+    image = np.frombuffer(row["image"], dtype=np.float32).reshape(shape)
+    if row["label"] is not None:
+        label = np.frombuffer(row["label"], dtype=np.uint8).reshape(shape)
+    else:
+        label = np.full(shape, UNLABELLED, dtype=np.uint8)
+    return {
+        "case_id": row["case_id"],
+        "source": row["source"],
+        "labelled": bool(row["labelled"]),
+        "image": image,
+        "label": label,
+        "spacing": np.asarray(row["spacing"], dtype=np.float32),
+        "affine": np.asarray(row["affine"], dtype=np.float64).reshape(4, 4),
+        "annotated_classes": np.asarray(row["annotated_classes"], dtype=np.int16),
+    }
+
+
+def load_case(out: str | os.PathLike, case_id: str) -> dict:
+    """One decoded case, read straight from its shard (no Ray needed)."""
+    manifest = read_manifest(out)
+    if case_id not in manifest["cases"]:
+        raise KeyError(f"case '{case_id}' is not in {out}")
+    table = pq.read_table(
+        Path(out) / manifest["cases"][case_id]["shard"], filters=[("case_id", "=", case_id)]
+    )
+    return decode_case(table.to_pylist()[0])
+
+
+def read_cases(
+    out: str | os.PathLike,
+    *,
+    split: str | None = None,
+    label_fraction: float | None = None,
+    sources: list[str] | None = None,
+    decode: bool = True,
+):
+    """A ``ray.data.Dataset`` with one row per selected case (see ``select_case_ids``).
+
+    Only the shards that hold selected cases are read. With ``decode=False`` rows keep the raw
+    Parquet columns (volumes as bytes), which is cheaper to move around before sampling.
+    """
+    import ray.data
+    from ray.data.expressions import col
+
+    manifest = read_manifest(out)
+    ids = select_case_ids(out, split=split, label_fraction=label_fraction, sources=sources)
+    if not ids:
+        raise ValueError(
+            f"no case selected in {out} (split={split}, label_fraction={label_fraction}, sources={sources})"
+        )
+    shards = sorted({manifest["cases"][i]["shard"] for i in ids})
+    ds = ray.data.read_parquet([str(Path(out).absolute() / s) for s in shards])
+    ds = ds.filter(expr=col("case_id").is_in(ids))
+    return ds.map(decode_case) if decode else ds
