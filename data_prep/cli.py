@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="small",
         help="small: ~86 small volumes, a whole study runs in minutes on 2 CPU cores",
     )
+    syn.add_argument(
+        "--max-cases", type=int, default=None, help="at most this many cases per source (quick trials)"
+    )
 
     prep = sub.add_parser(
         "prepare",
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "synthetic":
             from data_prep.synthetic import generate
 
-            path = generate(args.out, seed=args.seed, size=args.size)
+            path = generate(args.out, seed=args.seed, size=args.size, max_cases=args.max_cases)
             print(f"wrote the synthetic benchmark to {path}")
             return 0
         if args.command == "inspect":

@@ -286,8 +286,13 @@ def expand_dataset_args(paths: list[str | os.PathLike]) -> tuple[list[Path], str
     return folders, target
 
 
-def check_corpus(datasets: list[SourceDataset]) -> None:
-    """Refuse duplicate sources, duplicate entries and missing files before any work starts."""
+def check_corpus(datasets: list[SourceDataset]) -> dict[str, DataPrepError]:
+    """Refuse duplicate sources and duplicate entries before any work starts.
+
+    Returns the cases whose image or label file is missing, with their error, so that the
+    caller can stop on them or skip them.
+    """
+    missing: dict[str, DataPrepError] = {}
     names: dict[str, Path] = {}
     seen_case: dict[str, CaseEntry] = {}
     seen_file: dict[Path, str] = {}
@@ -314,5 +319,8 @@ def check_corpus(datasets: list[SourceDataset]) -> None:
                         path=str(path),
                     )
                 seen_file[path] = case.case_id
-                if not path.is_file():
-                    raise DataPrepError(f"missing {kind} file", case=case.case_id, path=str(path))
+                if not path.is_file() and case.case_id not in missing:
+                    missing[case.case_id] = DataPrepError(
+                        f"missing {kind} file", case=case.case_id, path=str(path)
+                    )
+    return missing

@@ -15,7 +15,7 @@ import os
 import shutil
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -257,7 +257,11 @@ def prepare(
     out = Path(out).absolute()
     folders, bench_target = expand_dataset_args(list(datasets))
     sources = [read_dataset(f) for f in folders]
-    check_corpus(sources)
+    missing = check_corpus(sources)
+    if missing and not options.skip_bad:
+        raise next(iter(missing.values()))
+    skipped = [{"case": c, "path": e.path, "problem": str(e)} for c, e in missing.items()]
+    sources = [replace(s, cases=tuple(c for c in s.cases if c.case_id not in missing)) for s in sources]
     target = options.target or bench_target
     if target is not None and target not in {s.name for s in sources}:
         raise DataPrepError(f"target source '{target}' is not among {[s.name for s in sources]}")
@@ -282,7 +286,7 @@ def prepare(
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        infos, skipped, input_bytes = {}, [], 0
+        infos, input_bytes = {}, 0
         writer = ShardWriter(tmp, options.cases_per_shard)
         try:
             jobs = (

@@ -261,7 +261,9 @@ def _write_case(
         )
 
 
-def write_source(spec: SourceSpec, root: Path, seed: int, size: str) -> None:
+def write_source(
+    spec: SourceSpec, root: Path, seed: int, size: str, max_cases: int | None = None
+) -> None:
     """Write one source in MSD layout: imagesTr/labelsTr (or imagesTs) and dataset.json."""
     labelled = bool(spec.labels)
     images_dir = "imagesTr" if labelled else "imagesTs"
@@ -270,7 +272,8 @@ def write_source(spec: SourceSpec, root: Path, seed: int, size: str) -> None:
         (root / "labelsTr").mkdir()
     label_values = {name: i + 1 for i, name in enumerate(spec.labels)}
     stems = []
-    for index in range(spec.cases[size]):
+    count = spec.cases[size] if max_cases is None else min(max_cases, spec.cases[size])
+    for index in range(count):
         rng = np.random.default_rng([seed, sum(map(ord, spec.folder)), index])
         (lo, hi), (zlo, zhi) = spec.spacing
         inplane = rng.uniform(lo, hi)
@@ -303,7 +306,11 @@ def write_source(spec: SourceSpec, root: Path, seed: int, size: str) -> None:
 
 
 def generate(
-    out: str | os.PathLike, seed: int = 0, size: str = "small", progress: bool = True
+    out: str | os.PathLike,
+    seed: int = 0,
+    size: str = "small",
+    progress: bool = True,
+    max_cases: int | None = None,
 ) -> Path:
     """Write the whole benchmark under OUT (atomically): one MSD folder per source and
     ``benchmark.json`` naming the sources and the target task."""
@@ -318,13 +325,14 @@ def generate(
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         for spec in tqdm(SOURCES, desc="synthetic sources", unit="source", disable=not progress):
-            write_source(spec, tmp / spec.folder, seed, size)
+            write_source(spec, tmp / spec.folder, seed, size, max_cases)
         (tmp / BENCHMARK_FILE).write_text(
             json.dumps(
                 {
                     "name": "mixcl_ray synthetic abdomen",
                     "seed": seed,
                     "size": size,
+                    "max_cases": max_cases,
                     "sources": [s.folder for s in SOURCES],
                     "target": TARGET,
                     "labels": {s.folder: list(s.labels) for s in SOURCES},
