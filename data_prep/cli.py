@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="small: ~86 small volumes, a whole study runs in minutes on 2 CPU cores",
     )
     syn.add_argument(
-        "--max-cases", type=int, default=None, help="at most this many cases per source (quick trials)"
+        "--max-cases",
+        type=int,
+        default=None,
+        help="at most this many cases per source (quick trials)",
     )
 
     prep = sub.add_parser(

@@ -261,7 +261,9 @@ def prepare(
     if missing and not options.skip_bad:
         raise next(iter(missing.values()))
     skipped = [{"case": c, "path": e.path, "problem": str(e)} for c, e in missing.items()]
-    sources = [replace(s, cases=tuple(c for c in s.cases if c.case_id not in missing)) for s in sources]
+    sources = [
+        replace(s, cases=tuple(c for c in s.cases if c.case_id not in missing)) for s in sources
+    ]
     target = options.target or bench_target
     if target is not None and target not in {s.name for s in sources}:
         raise DataPrepError(f"target source '{target}' is not among {[s.name for s in sources]}")

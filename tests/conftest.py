@@ -13,8 +13,13 @@ def ray_session():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: socket paths < 107 chars
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, logging_level="WARNING",
-             log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
     yield ray
     ray.shutdown()
 
@@ -24,7 +29,9 @@ def synthetic_benchmark(tmp_path_factory) -> Path:
     """The built-in benchmark, a few cases per source, written once per session."""
     from data_prep.synthetic import generate
 
-    return generate(tmp_path_factory.mktemp("bench") / "synthetic", seed=3, max_cases=4, progress=False)
+    return generate(
+        tmp_path_factory.mktemp("bench") / "synthetic", seed=3, max_cases=4, progress=False
+    )
 
 
 @pytest.fixture(scope="session")

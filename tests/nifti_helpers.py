@@ -14,7 +14,9 @@ SHAPE = (24, 20, 12)
 def phantom(rng: np.random.Generator, shape=SHAPE, classes=(1,)) -> tuple[np.ndarray, np.ndarray]:
     """A body of soft tissue in air with one cube per class. Returns (HU image, label)."""
     image = np.full(shape, -1000.0, dtype=np.float32)
-    image[2:-2, 2:-2, 1:-1] = 40.0 + rng.normal(0, 5, size=(shape[0] - 4, shape[1] - 4, shape[2] - 2))
+    image[2:-2, 2:-2, 1:-1] = 40.0 + rng.normal(
+        0, 5, size=(shape[0] - 4, shape[1] - 4, shape[2] - 2)
+    )
     label = np.zeros(shape, dtype=np.uint8)
     for k, cls in enumerate(classes):
         x0 = 4 + 6 * k
@@ -25,7 +27,9 @@ def phantom(rng: np.random.Generator, shape=SHAPE, classes=(1,)) -> tuple[np.nda
 
 def save(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 2.0, 1.0]) if affine is None else affine), path)
+    nib.save(
+        nib.Nifti1Image(array, np.diag([1.5, 1.5, 2.0, 1.0]) if affine is None else affine), path
+    )
     return path
 
 
@@ -45,7 +49,9 @@ def make_msd(
         image, label = phantom(rng, classes=tuple(labels))
         save(root / "imagesTr" / f"{prefix}_{i}.nii.gz", image.astype(np.int16), affine)
         save(root / "labelsTr" / f"{prefix}_{i}.nii.gz", label, affine)
-        training.append({"image": f"./imagesTr/{prefix}_{i}.nii.gz", "label": f"./labelsTr/{prefix}_{i}.nii.gz"})
+        training.append(
+            {"image": f"./imagesTr/{prefix}_{i}.nii.gz", "label": f"./labelsTr/{prefix}_{i}.nii.gz"}
+        )
     write_dataset_json(root, training, labels)
     return root
 
@@ -65,4 +71,6 @@ def write_dataset_json(root: Path, training: list, labels: dict[int, str], **ext
 
 def tree_snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root with its bytes: to check that a failed run changed nothing."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }

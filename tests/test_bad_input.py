@@ -46,7 +46,10 @@ def _affine_mismatch(root):
 
 
 def _four_d(root):
-    save(root / "imagesTr/case_2.nii.gz", np.zeros((24, 20, 12, 3), np.int16) + np.arange(3, dtype=np.int16))
+    save(
+        root / "imagesTr/case_2.nii.gz",
+        np.zeros((24, 20, 12, 3), np.int16) + np.arange(3, dtype=np.int16),
+    )
     return "case_2", "3D volume is expected"
 
 
@@ -183,9 +186,20 @@ def test_cli_reports_bad_case_and_exits_non_zero(tmp_path):
     root = make_msd(tmp_path / "Task09_Bad", n=2)
     _nan_voxels(root)
     proc = subprocess.run(
-        [sys.executable, "-m", "data_prep", "prepare", "--dataset", str(root), "--out",
-         str(tmp_path / "out"), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "prepare",
+            "--dataset",
+            str(root),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "error: case 'Task09_Bad/case_1'" in proc.stderr and "NaN/Inf" in proc.stderr
@@ -204,9 +218,15 @@ def test_refuses_to_replace_a_folder_that_is_not_an_output(tmp_path, ray_session
 
 def test_duplicate_file_across_entries(tmp_path):
     root = make_msd(tmp_path / "Task09_A", n=2)
-    write_dataset_json(root, [
-        {"image": "./imagesTr/case_0.nii.gz", "label": "./labelsTr/case_0.nii.gz"},
-        {"image": "./imagesTr/case_1.nii.gz", "label": "./labelsTr/case_0.nii.gz"},
-    ], {1: "spleen"})
-    with pytest.raises(DataPrepError, match="duplicate entry: label file is also used by case 'Task09_A/case_0'"):
+    write_dataset_json(
+        root,
+        [
+            {"image": "./imagesTr/case_0.nii.gz", "label": "./labelsTr/case_0.nii.gz"},
+            {"image": "./imagesTr/case_1.nii.gz", "label": "./labelsTr/case_0.nii.gz"},
+        ],
+        {1: "spleen"},
+    )
+    with pytest.raises(
+        DataPrepError, match="duplicate entry: label file is also used by case 'Task09_A/case_0'"
+    ):
         prepare([root], tmp_path / "out", progress=False)

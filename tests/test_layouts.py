@@ -18,8 +18,11 @@ def test_msd_layout(tmp_path):
 
 @pytest.mark.parametrize(
     "labels, problem",
-    [([], "'labels' must be a non-empty object"), ({"x": "liver"}, "not an integer"),
-     ({"0": "background", "300": "x"}, "must map 0..254")],
+    [
+        ([], "'labels' must be a non-empty object"),
+        ({"x": "liver"}, "not an integer"),
+        ({"0": "background", "300": "x"}, "must map 0..254"),
+    ],
 )
 def test_malformed_labels(tmp_path, labels, problem):
     root = make_msd(tmp_path / "T", n=1)

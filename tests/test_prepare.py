@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from data_prep.prepare import PrepareOptions, prepare
-from data_prep.reader import UNLABELLED, load_case, read_cases, read_manifest, read_splits, select_case_ids
+from data_prep.reader import (
+    UNLABELLED,
+    load_case,
+    read_cases,
+    read_manifest,
+    read_splits,
+    select_case_ids,
+)
 from data_prep.writer import schema_version_of
 from tests.nifti_helpers import make_msd, phantom, save, tree_snapshot, write_dataset_json
 
@@ -27,7 +34,9 @@ def test_round_trip_orientation_spacing_and_intensity(tmp_path, ray_session):
     root = tmp_path / "Task09_Orient"
     save(root / "imagesTr/o.nii.gz", image.astype(np.int16), affine)
     save(root / "labelsTr/o.nii.gz", label, affine)
-    write_dataset_json(root, [{"image": "imagesTr/o.nii.gz", "label": "labelsTr/o.nii.gz"}], {1: "spleen"})
+    write_dataset_json(
+        root, [{"image": "imagesTr/o.nii.gz", "label": "labelsTr/o.nii.gz"}], {1: "spleen"}
+    )
     out = tmp_path / "out"
     prepare([root], out, PrepareOptions(preset="spleen", val_ratio=0, test_ratio=0), progress=False)
 
@@ -35,10 +44,12 @@ def test_round_trip_orientation_spacing_and_intensity(tmp_path, ray_session):
     assert np.allclose(case["spacing"], [1.5, 1.5, 2.0])
     new_affine = case["affine"]
     assert np.allclose(np.diag(new_affine)[:3], [1.5, 1.5, 2.0])  # RAS, positive axes
+
     # the label block's centre lies at the same world position before and after
     def centre(aff, mask):
         idx = np.argwhere(mask).mean(axis=0)
         return aff[:3, :3] @ idx + aff[:3, 3]
+
     assert np.allclose(centre(affine, label == 1), centre(new_affine, case["label"] == 1), atol=1.0)
     assert case["label"].sum() == pytest.approx(6 * 6 * 8 / (1.5 * 1.5 * 2.0), rel=0.35)
     # spleen window: 40 HU -> (40 + 57) / 221; air clipped to 0; body cropped with a margin
@@ -64,7 +75,10 @@ def test_corpus_of_several_sources_merges_classes_by_name(tmp_path, ray_session)
     assert list(case["annotated_classes"]) == [1, 2]
     assert manifest["cases"]["BTCV_like/case_0"]["image_sha256"]
     assert schema_version_of(out / manifest["shards"][0]) == 1
-    assert set(manifest["sources"]["Task03_Liver"]["intensity"]) >= {"foreground_mean", "foreground_std"}
+    assert set(manifest["sources"]["Task03_Liver"]["intensity"]) >= {
+        "foreground_mean",
+        "foreground_std",
+    }
 
 
 def test_btcv_dataset_0_keeps_its_24_6_split(tmp_path, ray_session):
@@ -75,9 +89,17 @@ def test_btcv_dataset_0_keeps_its_24_6_split(tmp_path, ray_session):
         image, label = phantom(rng, shape=(16, 16, 8), classes=(1,))
         save(root / f"imagesTr/img{i:04d}.nii.gz", image.astype(np.int16))
         save(root / f"labelsTr/label{i:04d}.nii.gz", label)
-        entries.append({"image": f"imagesTr/img{i:04d}.nii.gz", "label": f"labelsTr/label{i:04d}.nii.gz"})
-    data = {"name": "btcv", "labels": {"0": "background", "1": "spleen"}, "modality": {"0": "CT"},
-            "training": entries[:24], "validation": entries[24:], "test": []}
+        entries.append(
+            {"image": f"imagesTr/img{i:04d}.nii.gz", "label": f"labelsTr/label{i:04d}.nii.gz"}
+        )
+    data = {
+        "name": "btcv",
+        "labels": {"0": "background", "1": "spleen"},
+        "modality": {"0": "CT"},
+        "training": entries[:24],
+        "validation": entries[24:],
+        "test": [],
+    }
     (root / "dataset_0.json").write_text(json.dumps(data))
     out = tmp_path / "out"
     prepare([root], out, PrepareOptions(preset="btcv"), progress=False)
@@ -85,7 +107,9 @@ def test_btcv_dataset_0_keeps_its_24_6_split(tmp_path, ray_session):
     assert splits["train"] == [f"BTCV/img{i:04d}" for i in range(24)]
     assert splits["val"] == [f"BTCV/img{i:04d}" for i in range(24, 30)]
     assert read_manifest(out)["sources"]["BTCV"]["layout"] == "btcv"
-    assert len(splits["label_fractions"]["0.05"]) == 1 and len(splits["label_fractions"]["0.15"]) == 4
+    assert (
+        len(splits["label_fractions"]["0.05"]) == 1 and len(splits["label_fractions"]["0.15"]) == 4
+    )
 
 
 @pytest.mark.parametrize("layout", ["images_labels", "suffix"])
@@ -100,8 +124,10 @@ def test_plain_folder_of_pairs(tmp_path, ray_session, layout):
         else:
             save(root / f"p{i}.nii.gz", image.astype(np.int16))
             save(root / f"p{i}_seg.nii.gz", label)
-    save(root / ("images/extra_0000.nii.gz" if layout == "images_labels" else "extra.nii.gz"),
-         phantom(rng)[0].astype(np.int16))
+    save(
+        root / ("images/extra_0000.nii.gz" if layout == "images_labels" else "extra.nii.gz"),
+        phantom(rng)[0].astype(np.int16),
+    )
     (root / "labels.json").write_text(json.dumps({"0": "background", "1": "kidney", "2": "tumour"}))
     out = tmp_path / "out"
     prepare([root], out, progress=False)
@@ -130,8 +156,10 @@ def test_idempotent_and_recomputes_when_an_input_changes(tmp_path, ray_session):
     os.utime(image_path, ns=(1, 1))
     changed = prepare([root], out, PrepareOptions(seed=5), progress=False)
     assert not changed.reused
-    assert read_manifest(out)["cases"]["Task09_Idem/case_0"]["image_sha256"] != json.loads(
-        before["manifest.json"])["cases"]["Task09_Idem/case_0"]["image_sha256"]
+    assert (
+        read_manifest(out)["cases"]["Task09_Idem/case_0"]["image_sha256"]
+        != json.loads(before["manifest.json"])["cases"]["Task09_Idem/case_0"]["image_sha256"]
+    )
 
 
 def test_failure_midway_leaves_previous_out_untouched(tmp_path, ray_session, monkeypatch):
@@ -174,9 +202,19 @@ def test_reader_gives_ray_dataset_of_selected_cases(prepared_benchmark, ray_sess
 
 
 def test_inspect_cli_summarises(prepared_benchmark):
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "inspect", str(prepared_benchmark)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep", "inspect", str(prepared_benchmark)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    for expected in ("Task09_SynthSpleen", "spleen", "kidney_left", "label fractions", "unlabelled"):
+    for expected in (
+        "Task09_SynthSpleen",
+        "spleen",
+        "kidney_left",
+        "label fractions",
+        "unlabelled",
+    ):
         assert expected in text

@@ -51,8 +51,13 @@ def test_adding_a_source_does_not_change_another_sources_split():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"val_ratio": 1.0}, {"test_ratio": -0.1}, {"val_ratio": 0.5, "test_ratio": 0.5},
-               {"fractions": (0.0, 1.0)}]
+    "kwargs",
+    [
+        {"val_ratio": 1.0},
+        {"test_ratio": -0.1},
+        {"val_ratio": 0.5, "test_ratio": 0.5},
+        {"fractions": (0.0, 1.0)},
+    ],
 )
 def test_bad_split_options_raise(kwargs):
     with pytest.raises(ValueError):

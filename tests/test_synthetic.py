@@ -9,8 +9,10 @@ from data_prep.synthetic import ORGAN_HU, SOURCES, TARGET, generate, make_phanto
 
 
 def _arrays(root):
-    return {p.relative_to(root).as_posix(): np.asarray(nib.load(p).dataobj)
-            for p in sorted(root.rglob("*.nii.gz"))}
+    return {
+        p.relative_to(root).as_posix(): np.asarray(nib.load(p).dataobj)
+        for p in sorted(root.rglob("*.nii.gz"))
+    }
 
 
 def test_deterministic_by_seed(tmp_path):
