@@ -1,0 +1,118 @@
+"""Typed configuration of the MixCL core, validated at construction.
+
+Frozen dataclasses at the edges; ``to_dict``/``from_dict`` carry them across Ray as plain
+dicts and refuse unknown keys when rebuilding them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+BACKBONES = ("unet", "swinunetr")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder-decoder and heads.
+
+    ``features``: the six channel counts of the UNet (four encoder levels + bottleneck + last
+    decoder level), as MONAI's BasicUNet takes them. ``feature_size``: SwinUNETR's width.
+    """
+
+    backbone: str = "unet"
+    in_channels: int = 1
+    features: tuple[int, ...] = (8, 16, 32, 48, 64, 16)
+    feature_size: int = 12
+    global_dim: int = 64  # identity embedding size
+    global_hidden: int = 128
+    dense_dim: int = 32  # voxel embedding size
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _check(
+            self.backbone in BACKBONES,
+            f"backbone must be one of {BACKBONES}, got {self.backbone!r}",
+        )
+        _check(
+            len(self.features) == 6 and min(self.features) > 0,
+            f"features must be 6 positive channel counts, got {self.features}",
+        )
+        _check(
+            self.feature_size > 0 and self.feature_size % 12 == 0,
+            f"feature_size must be a positive multiple of 12 (SwinUNETR), got {self.feature_size}",
+        )
+        _check(
+            self.in_channels > 0 and self.global_dim > 0 and self.dense_dim > 0,
+            "in_channels, global_dim and dense_dim must be positive",
+        )
+        _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights and temperatures of the MixCL loss; a zero weight switches a term off."""
+
+    l_id: float = 1.0
+    l_label: float = 1.0
+    l_rec: float = 1.0
+    temperature_id: float = 0.1
+    temperature_label: float = 0.1
+    reconstruction: str = "l1"  # "l1" | "mse"
+    voxels_per_class: int = 64  # cap of sampled voxels per class and batch (both views)
+    background_voxels: int = 128
+
+    def __post_init__(self):
+        for name in ("l_id", "l_label", "l_rec"):
+            value = getattr(self, name)
+            _check(value >= 0, f"{name} must be >= 0, got {value}")
+        for name in ("temperature_id", "temperature_label"):
+            value = getattr(self, name)
+            _check(value > 0, f"{name} must be > 0, got {value}")
+        _check(
+            self.reconstruction in ("l1", "mse"),
+            f"reconstruction must be 'l1' or 'mse', got {self.reconstruction!r}",
+        )
+        _check(
+            self.voxels_per_class > 0 and self.background_voxels >= 0,
+            "voxels_per_class must be > 0 and background_voxels >= 0",
+        )
+
+
+# The baselines are settings of the same code: (l_id, l_label, l_rec); scratch skips pre-training.
+METHODS: dict[str, tuple[float, float, float] | None] = {
+    "scratch": None,
+    "identity": (1.0, 0.0, 0.0),
+    "reconstruction": (0.0, 0.0, 1.0),
+    "label": (0.0, 1.0, 0.0),
+    "mixcl": (1.0, 1.0, 1.0),
+}
+
+
+def loss_config_for(method: str, **overrides) -> LossConfig | None:
+    """The loss settings of a named method (None for scratch: no pre-training)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    weights = METHODS[method]
+    if weights is None:
+        return None
+    l_id, l_label, l_rec = weights
+    return LossConfig(**{"l_id": l_id, "l_label": l_label, "l_rec": l_rec, **overrides})
+
+
+def to_dict(config) -> dict:
+    return asdict(config)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a config dataclass from a plain dict, refusing unknown keys."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**values)

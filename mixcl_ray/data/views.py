@@ -1,0 +1,73 @@
+"""Two views of a patch: independent intensity augmentation and flips/rot90 whose inverse is
+known, so that voxel i of one view's embedding map, mapped back, lies on voxel i of the other's.
+
+Spatial parameters of one view: ``flips`` (3,) bool over the three spatial axes and ``rot``
+k in 0..3, a rotation by k * 90 degrees in the first two spatial axes (the axial plane of a
+RAS volume). ``apply_spatial`` works on numpy (..., X, Y, Z) arrays in the data pipeline;
+``invert_spatial`` undoes it on torch (B, C, X, Y, Z) tensors in the training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    flip_prob: float = 0.5
+    rotate: bool = True
+    scale: tuple[float, float] = (0.85, 1.15)
+    shift: tuple[float, float] = (-0.1, 0.1)
+    gamma: tuple[float, float] = (0.7, 1.5)
+    noise_std: float = 0.03
+
+    def __post_init__(self):
+        if not 0 <= self.flip_prob <= 1:
+            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+        if self.gamma[0] <= 0 or self.scale[0] <= 0 or self.noise_std < 0:
+            raise ValueError("gamma and scale must be positive and noise_std >= 0")
+
+
+def random_spatial(rng: np.random.Generator, config: ViewConfig) -> tuple[np.ndarray, int]:
+    flips = rng.random(3) < config.flip_prob
+    rot = int(rng.integers(0, 4)) if config.rotate else 0
+    return flips, rot
+
+
+def apply_spatial(x: np.ndarray, flips: np.ndarray, rot: int) -> np.ndarray:
+    """x: (..., X, Y, Z). Flip first, then rotate in (X, Y); needs X == Y when rot is odd."""
+    if rot % 2 and x.shape[-3] != x.shape[-2]:
+        raise ValueError(f"rot90 needs a square (X, Y) plane, got {x.shape[-3:]}")
+    axes = tuple(x.ndim - 3 + i for i in range(3) if flips[i])
+    if axes:
+        x = np.flip(x, axis=axes)
+    if rot:
+        x = np.rot90(x, k=rot, axes=(x.ndim - 3, x.ndim - 2))
+    return np.ascontiguousarray(x)
+
+
+def invert_spatial(x: torch.Tensor, flips: torch.Tensor, rots: torch.Tensor) -> torch.Tensor:
+    """Undo ``apply_spatial`` per sample. x: (B, C, X, Y, Z); flips: (B, 3) bool; rots: (B,)."""
+    out = []
+    for sample, flip, rot in zip(x, flips.tolist(), rots.tolist(), strict=True):  # B iterations
+        if rot:
+            sample = torch.rot90(sample, k=-rot, dims=(1, 2))
+        axes = [1 + i for i in range(3) if flip[i]]
+        if axes:
+            sample = torch.flip(sample, dims=axes)
+        out.append(sample)
+    return torch.stack(out)
+
+
+def augment_intensity(x: np.ndarray, rng: np.random.Generator, config: ViewConfig) -> np.ndarray:
+    """Random gamma, scale, shift and Gaussian noise on an image in [0, 1]; returns float32."""
+    lo, hi = float(x.min()), float(x.max())
+    unit = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    unit = unit ** rng.uniform(*config.gamma)
+    y = (unit * (hi - lo) + lo) * rng.uniform(*config.scale) + rng.uniform(*config.shift)
+    if config.noise_std > 0:
+        y = y + rng.normal(0.0, rng.uniform(0, config.noise_std), size=x.shape)
+    return y.astype(np.float32)

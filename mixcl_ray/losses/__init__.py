@@ -1,0 +1,16 @@
+"""MixCL losses, one per module: pure PyTorch, tensors in and out."""
+
+from mixcl_ray.losses.identity import IdentityConsistencyLoss
+from mixcl_ray.losses.label import LabelConsistencyLoss, known_pairs, sample_voxels
+from mixcl_ray.losses.mixcl import MixCLLoss, NonFiniteLossError
+from mixcl_ray.losses.reconstruction import ReconstructionConsistencyLoss
+
+__all__ = [
+    "IdentityConsistencyLoss",
+    "LabelConsistencyLoss",
+    "MixCLLoss",
+    "NonFiniteLossError",
+    "ReconstructionConsistencyLoss",
+    "known_pairs",
+    "sample_voxels",
+]

@@ -1,0 +1,83 @@
+"""The MixCL loss: l_id * L_identity + l_label * L_label + l_rec * L_reconstruction.
+
+Our reconstruction of the paper's objective (arXiv 2203.02114, public only as an abstract:
+identity, label and reconstruction consistency kept together). A zero weight skips the term's
+computation (and its heads, see ``heads``); every computed term is returned for logging; a
+non-finite term stops training with its name and the step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixcl_ray.config import LossConfig
+from mixcl_ray.losses.identity import IdentityConsistencyLoss
+from mixcl_ray.losses.label import LabelConsistencyLoss, sample_voxels
+from mixcl_ray.losses.reconstruction import ReconstructionConsistencyLoss
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class MixCLLoss(nn.Module):
+    def __init__(self, config: LossConfig):
+        super().__init__()
+        if config.l_id == config.l_label == config.l_rec == 0:
+            raise ValueError("at least one of l_id, l_label, l_rec must be > 0")
+        self.config = config
+        self.identity = IdentityConsistencyLoss(config.temperature_id)
+        self.label = LabelConsistencyLoss(config.temperature_label)
+        self.reconstruction = ReconstructionConsistencyLoss(config.reconstruction)
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The model heads the active terms need."""
+        c = self.config
+        return tuple(
+            h
+            for h, w in (("global", c.l_id), ("dense", c.l_label), ("reconstruction", c.l_rec))
+            if w > 0
+        )
+
+    def forward(
+        self,
+        out1: dict[str, torch.Tensor],
+        out2: dict[str, torch.Tensor],
+        batch: dict[str, torch.Tensor],
+        step: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """out1/out2: model outputs of the two views, ``voxel_embeddings`` already mapped back
+        to the patch frame (B, E, X, Y, Z); batch: ``clean1``/``clean2`` (B, 1, X, Y, Z),
+        ``label`` (B, X, Y, Z) and ``annotated`` (B, K) bool. Returns ``loss`` and each term."""
+        c = self.config
+        terms: dict[str, torch.Tensor] = {}
+        if c.l_id > 0:
+            terms["identity"] = self.identity(out1["global_embedding"], out2["global_embedding"])
+        if c.l_label > 0:
+            embeddings, labels, annotated = sample_voxels(
+                (out1["voxel_embeddings"], out2["voxel_embeddings"]),
+                batch["label"],
+                batch["annotated"],
+                c.voxels_per_class,
+                c.background_voxels,
+                generator,
+            )
+            terms["label"] = self.label(embeddings, labels, annotated)
+        if c.l_rec > 0:
+            terms["reconstruction"] = 0.5 * (
+                self.reconstruction(out1["reconstruction"], batch["clean1"])
+                + self.reconstruction(out2["reconstruction"], batch["clean2"])
+            )
+        for name, value in terms.items():
+            if not torch.isfinite(value):
+                where = f" at step {step}" if step is not None else ""
+                raise NonFiniteLossError(
+                    f"non-finite {name} consistency loss ({value.item()}){where}: lower the learning "
+                    "rate, raise the temperature or check the input patches"
+                )
+        weights = {"identity": c.l_id, "label": c.l_label, "reconstruction": c.l_rec}
+        terms["loss"] = sum(weights[name] * value for name, value in terms.items())
+        return terms
