@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixcl_ray.losses.precision import upcast
+
 
 class IdentityConsistencyLoss(nn.Module):
     def __init__(self, temperature: float = 0.1):
@@ -33,7 +35,7 @@ class IdentityConsistencyLoss(nn.Module):
         if z1.shape[0] < 2:
             raise ValueError("identity consistency needs at least 2 patches per batch (negatives)")
         b = z1.shape[0]
-        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, G)
+        z = F.normalize(upcast(torch.cat([z1, z2])), dim=1)  # (2B, G)
         logits = z @ z.T / self.temperature  # (2B, 2B)
         logits = logits.masked_fill(
             torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf")

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixcl_ray.losses.precision import upcast
+
 UNLABELLED = 255
 
 
@@ -77,7 +79,7 @@ class LabelConsistencyLoss(nn.Module):
         anchors = positives.any(dim=1)
         if not anchors.any():
             return embeddings.sum() * 0.0
-        e = F.normalize(embeddings.float(), dim=1)
+        e = F.normalize(upcast(embeddings), dim=1)
         logits = e @ e.T / self.temperature  # (N, N)
         denominator = (positives | negatives)[anchors]
         log_den = torch.logsumexp(

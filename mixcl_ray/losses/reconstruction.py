@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixcl_ray.losses.precision import upcast
+
 
 class ReconstructionConsistencyLoss(nn.Module):
     def __init__(self, kind: str = "l1"):
@@ -21,4 +23,4 @@ class ReconstructionConsistencyLoss(nn.Module):
         if reconstruction.shape != clean.shape:
             raise ValueError(f"shape {tuple(reconstruction.shape)} != clean {tuple(clean.shape)}")
         fn = F.l1_loss if self.kind == "l1" else F.mse_loss
-        return fn(reconstruction.float(), clean.float())
+        return fn(upcast(reconstruction), upcast(clean))

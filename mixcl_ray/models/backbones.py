@@ -39,14 +39,19 @@ class UNetBackbone(nn.Module):
         self.bottleneck_channels = config.features[4]
         self.decoder_channels = config.features[5]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, C, D, H, W) -> bottleneck (B, F4, D/16, H/16, W/16), decoder (B, F5, D, H, W)."""
+    def forward(
+        self, x: torch.Tensor, decode: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, C, D, H, W) -> bottleneck (B, F4, D/16, H/16, W/16), decoder (B, F5, D, H, W)
+        (None when ``decode`` is False: the identity head alone needs no decoder)."""
         e = self.encoder
         x0 = e["conv_0"](x)
         x1 = e["down_1"](x0)
         x2 = e["down_2"](x1)
         x3 = e["down_3"](x2)
         x4 = e["down_4"](x3)
+        if not decode:
+            return x4, None
         d = self.decoder
         u = d["upcat_4"](x4, x3)
         u = d["upcat_3"](u, x2)
@@ -78,8 +83,10 @@ class SwinBackbone(nn.Module):
         self.bottleneck_channels = 16 * config.feature_size
         self.decoder_channels = config.feature_size
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, C, D, H, W) -> bottleneck (B, 16F, D/32, ...), decoder (B, F, D, H, W)."""
+    def forward(
+        self, x: torch.Tensor, decode: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, C, D, H, W) -> bottleneck (B, 16F, D/32, ...), decoder (B, F, D, H, W) or None."""
         e, d = self.encoder, self.decoder
         hidden = e["swinViT"](x, self.normalize)
         enc0 = e["encoder1"](x)
@@ -87,6 +94,8 @@ class SwinBackbone(nn.Module):
         enc2 = e["encoder3"](hidden[1])
         enc3 = e["encoder4"](hidden[2])
         bottleneck = e["encoder10"](hidden[4])
+        if not decode:
+            return bottleneck, None
         u = d["decoder5"](bottleneck, hidden[3])
         u = d["decoder4"](u, enc3)
         u = d["decoder3"](u, enc2)

@@ -62,7 +62,7 @@ class MixCLModel(nn.Module):
         unknown = set(heads) - set(HEADS)
         if unknown:
             raise ValueError(f"unknown heads {sorted(unknown)}; known: {HEADS}")
-        bottleneck, features = self.backbone(x)
+        bottleneck, features = self.backbone(x, decode=bool(set(heads) - {"global"}))
         out = {}
         if "global" in heads:
             out["global_embedding"] = self.global_head(bottleneck)

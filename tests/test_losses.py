@@ -1,0 +1,291 @@
+"""The MixCL losses against independent, straightforward references, known limits, partial
+labels, zero weights and gradients."""
+
+import math
+
+import pytest
+import torch
+
+from mixcl_ray.config import LossConfig, ModelConfig
+from mixcl_ray.losses import (
+    IdentityConsistencyLoss,
+    LabelConsistencyLoss,
+    MixCLLoss,
+    NonFiniteLossError,
+    ReconstructionConsistencyLoss,
+    sample_voxels,
+)
+from mixcl_ray.models import MixCLModel
+
+torch.manual_seed(0)
+
+
+def reference_ntxent(z1, z2, tau):
+    """Loop over anchors, as the SimCLR paper writes it."""
+    z = torch.cat([z1, z2]).double()
+    z = z / z.norm(dim=1, keepdim=True)
+    n, b = z.shape[0], z1.shape[0]
+    total = 0.0
+    for i in range(n):
+        p = (i + b) % n
+        num = math.exp(float(z[i] @ z[p]) / tau)
+        den = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(n) if k != i)
+        total += -math.log(num / den)
+    return total / n
+
+
+def reference_supcon(e, labels, annotated, tau):
+    """Loop over anchors and candidates with the partial-label rules written out."""
+    e = e.double()
+    e = e / e.norm(dim=1, keepdim=True)
+    n = e.shape[0]
+    losses = []
+    for i in range(n):
+        li = int(labels[i])
+        if li == 0:
+            continue
+        pos, den = [], []
+        for a in range(n):
+            if a == i:
+                continue
+            la = int(labels[a])
+            s = float(e[i] @ e[a]) / tau
+            if la == li:
+                pos.append(s)
+                den.append(s)
+            elif la > 0 or bool(annotated[a, li]):
+                den.append(s)
+        if not pos:
+            continue
+        log_den = math.log(sum(math.exp(s) for s in den))
+        losses.append(-sum(s - log_den for s in pos) / len(pos))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("b, g, tau", [(2, 8, 0.1), (5, 16, 0.5), (8, 4, 1.0)])
+def test_identity_matches_reference(b, g, tau):
+    z1, z2 = torch.randn(b, g), torch.randn(b, g)
+    assert IdentityConsistencyLoss(tau)(z1, z2).item() == pytest.approx(
+        reference_ntxent(z1, z2, tau), abs=1e-5
+    )
+
+
+def test_identity_of_identical_orthogonal_views_has_its_analytic_value():
+    b, tau = 4, 0.2
+    z = torch.eye(8)[:b] * 3.0  # orthogonal, any scale
+    expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 2 * b - 2))
+    assert IdentityConsistencyLoss(tau)(z, z.clone()).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_identity_invariances():
+    z1, z2 = torch.randn(6, 8), torch.randn(6, 8)
+    loss = IdentityConsistencyLoss(0.1)
+    perm = torch.randperm(6)
+    assert loss(z1 * 5, z2 * 0.1).item() == pytest.approx(loss(z1, z2).item(), abs=1e-5)
+    assert loss(z1[perm], z2[perm]).item() == pytest.approx(loss(z1, z2).item(), abs=1e-5)
+    assert loss(z2, z1).item() == pytest.approx(loss(z1, z2).item(), abs=1e-5)
+
+
+def test_identity_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        IdentityConsistencyLoss(0.1)(torch.randn(4, 8), torch.randn(3, 8))
+    with pytest.raises(ValueError):
+        IdentityConsistencyLoss(0.1)(torch.randn(1, 8), torch.randn(1, 8))
+    with pytest.raises(ValueError, match="temperature"):
+        IdentityConsistencyLoss(0.0)
+
+
+def _random_voxels(n=40, e=8, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n, e, generator=g)
+    labels = torch.randint(0, k, (n,), generator=g)
+    annotated = torch.rand(n, k, generator=g) < 0.5
+    annotated[torch.arange(n), labels] = True  # a voxel's own class is annotated by its source
+    return emb, labels, annotated
+
+
+@pytest.mark.parametrize("seed, tau", [(0, 0.1), (1, 0.3), (2, 1.0)])
+def test_label_matches_reference(seed, tau):
+    emb, labels, annotated = _random_voxels(seed=seed)
+    got = LabelConsistencyLoss(tau)(emb, labels, annotated).item()
+    assert got == pytest.approx(reference_supcon(emb, labels, annotated, tau), abs=1e-5)
+
+
+def test_separated_classes_give_a_lower_label_loss_than_random():
+    labels = torch.arange(1, 5).repeat_interleave(10)
+    annotated = torch.ones(40, 5, dtype=torch.bool)
+    separated = torch.eye(8)[labels] + 0.01 * torch.randn(40, 8)
+    loss = LabelConsistencyLoss(0.1)
+    assert loss(separated, labels, annotated) < 0.5 * loss(torch.randn(40, 8), labels, annotated)
+
+
+def test_partial_labels_never_make_false_negatives():
+    """A background voxel of a source that does not label spleen may be spleen: moving it onto
+    the spleen cluster must not change the loss; a background voxel of a source that labels
+    spleen is a real negative and must."""
+    spleen = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.95, -0.05]])
+    other = torch.tensor([[0.0, 1.0], [0.1, 0.9]])  # class 2
+    emb = torch.cat([spleen, other])
+    labels = torch.tensor([1, 1, 1, 2, 2])
+    annotated = torch.tensor(
+        [[1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 0, 1], [1, 0, 1]], dtype=torch.bool
+    )
+    loss = LabelConsistencyLoss(0.1)
+    base = loss(emb, labels, annotated)
+
+    def with_background(vector, source_labels_spleen):
+        row = torch.tensor([[True, source_labels_spleen, not source_labels_spleen]])
+        return loss(
+            torch.cat([emb, vector[None]]),
+            torch.cat([labels, torch.tensor([0])]),
+            torch.cat([annotated, row]),
+        )
+
+    near_spleen = torch.tensor([1.0, 0.02])
+    # source annotates class 2 only: for spleen anchors the voxel is unknown -> left out
+    unknown = with_background(near_spleen, source_labels_spleen=False)
+    unknown_far = with_background(torch.tensor([-1.0, 0.0]), source_labels_spleen=False)
+    assert unknown_far.item() != pytest.approx(
+        unknown.item()
+    )  # it is a negative for class 2 anchors
+    spleen_only = loss(
+        torch.cat([spleen, near_spleen[None]]),
+        torch.tensor([1, 1, 1, 0]),
+        torch.tensor([[1, 1, 0]] * 3 + [[1, 0, 1]], dtype=torch.bool),
+    )
+    alone = loss(spleen, torch.tensor([1, 1, 1]), torch.tensor([[1, 1, 0]] * 3, dtype=torch.bool))
+    assert spleen_only.item() == pytest.approx(alone.item(), abs=1e-6)  # no false negative
+    # a source that labels spleen says this voxel is not spleen: now it is a negative
+    known = with_background(near_spleen, source_labels_spleen=True)
+    assert known > base + 0.1
+
+
+def test_unlabelled_patches_contribute_nothing():
+    emb = torch.randn(2, 4, 4, 4, 4)
+    labels = torch.zeros(2, 4, 4, 4, dtype=torch.uint8)
+    labels[0, :2] = 1
+    labels[1] = 255
+    annotated = torch.tensor([[1, 1], [0, 0]], dtype=torch.bool)
+    e, lab, ann = sample_voxels(
+        (emb, emb), labels, annotated, voxels_per_class=1000, background_voxels=1000
+    )
+    assert e.shape == (2 * 64, 4)  # 64 voxels of patch 0, none of patch 1, two views
+    assert (ann[:, 1]).all()
+
+
+def test_voxel_sampling_is_class_balanced_and_capped():
+    labels = torch.zeros(2, 8, 8, 8, dtype=torch.uint8)
+    labels[:, :6] = 1  # a large class
+    labels[0, 7, 0, :3] = 2  # a tiny class
+    emb = torch.randn(2, 3, 8, 8, 8)
+    annotated = torch.ones(2, 3, dtype=torch.bool)
+    e, lab, _ = sample_voxels(
+        (emb, emb + 1),
+        labels,
+        annotated,
+        voxels_per_class=20,
+        background_voxels=10,
+        generator=torch.Generator().manual_seed(0),
+    )
+    counts = torch.bincount(lab, minlength=3).tolist()
+    assert counts == [20, 40, 6]  # (bg 10, class 1 capped at 20, class 2 all 3) x two views
+    m = e.shape[0] // 2
+    assert torch.allclose(e[m:], e[:m] + 1)  # the same locations in both views
+
+
+def test_label_loss_without_positives_is_zero_with_gradient():
+    emb = torch.randn(3, 4, requires_grad=True)
+    loss = LabelConsistencyLoss(0.1)(
+        emb, torch.tensor([1, 2, 0]), torch.ones(3, 3, dtype=torch.bool)
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and emb.grad is not None
+
+
+def test_losses_pass_gradcheck():
+    z1 = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
+    z2 = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: IdentityConsistencyLoss(0.5)(a, b).double(), (z1, z2)
+    )
+
+
+def test_reconstruction_matches_reference():
+    a, b = torch.rand(2, 1, 4, 4, 4), torch.rand(2, 1, 4, 4, 4)
+    assert ReconstructionConsistencyLoss("l1")(a, b).item() == pytest.approx(
+        (a - b).abs().mean().item(), abs=1e-6
+    )
+    assert ReconstructionConsistencyLoss("mse")(a, b).item() == pytest.approx(
+        ((a - b) ** 2).mean().item(), abs=1e-6
+    )
+
+
+def _batch(b=2, size=32, k=3):
+    labels = torch.zeros(b, size, size, size, dtype=torch.uint8)
+    labels[:, 2:8, 2:8, 2:8] = 1
+    labels[:, 9:14, 9:14, 9:14] = 2
+    labels[:, 20:30, 20:30, 20:30] = 2
+    return {
+        "clean1": torch.rand(b, 1, size, size, size),
+        "clean2": torch.rand(b, 1, size, size, size),
+        "label": labels,
+        "annotated": torch.ones(b, k, dtype=torch.bool),
+    }
+
+
+def _step(weights, model=None):
+    model = model or MixCLModel(
+        ModelConfig(features=(4, 4, 8, 8, 16, 4), global_dim=8, dense_dim=8)
+    )
+    loss_fn = MixCLLoss(LossConfig(l_id=weights[0], l_label=weights[1], l_rec=weights[2]))
+    batch = _batch()
+    out1 = model(torch.rand(2, 1, 32, 32, 32), heads=loss_fn.heads)
+    out2 = model(torch.rand(2, 1, 32, 32, 32), heads=loss_fn.heads)
+    terms = loss_fn(out1, out2, batch, step=3)
+    model.zero_grad()
+    terms["loss"].backward()
+    return model, terms
+
+
+@pytest.mark.parametrize(
+    "term, weights, head",
+    [
+        ("identity", (1, 0, 0), "global_head"),
+        ("label", (0, 1, 0), "dense_head"),
+        ("reconstruction", (0, 0, 1), "reconstruction_head"),
+    ],
+)
+def test_every_term_alone_reaches_the_encoder_and_others_get_no_gradient(term, weights, head):
+    model, terms = _step(weights)
+    assert set(terms) == {"loss", term}
+    assert terms["loss"].item() == pytest.approx(terms[term].item())
+    encoder_grad = sum(
+        p.grad.abs().sum().item() for p in model.backbone.encoder.parameters() if p.grad is not None
+    )
+    assert encoder_grad > 0
+    for other in {"global_head", "dense_head", "reconstruction_head"} - {head}:
+        assert all(p.grad is None for p in getattr(model, other).parameters()), other
+
+
+def test_total_is_the_weighted_sum():
+    loss_fn = MixCLLoss(LossConfig(l_id=0.5, l_label=2.0, l_rec=3.0))
+    model = MixCLModel(ModelConfig(features=(4, 4, 8, 8, 16, 4), global_dim=8, dense_dim=8))
+    x1, x2 = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 1, 32, 32, 32)
+    terms = loss_fn(model(x1), model(x2), _batch(), generator=torch.Generator().manual_seed(1))
+    expected = 0.5 * terms["identity"] + 2.0 * terms["label"] + 3.0 * terms["reconstruction"]
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_non_finite_loss_names_term_and_step():
+    loss_fn = MixCLLoss(LossConfig(l_id=0, l_label=0, l_rec=1))
+    out = {"reconstruction": torch.full((2, 1, 4, 4, 4), float("nan"))}
+    batch = {"clean1": torch.zeros(2, 1, 4, 4, 4), "clean2": torch.zeros(2, 1, 4, 4, 4)}
+    with pytest.raises(
+        NonFiniteLossError, match="non-finite reconstruction consistency loss .* at step 17"
+    ):
+        loss_fn(out, out, batch, step=17)
+
+
+def test_all_weights_zero_is_refused():
+    with pytest.raises(ValueError, match="at least one"):
+        MixCLLoss(LossConfig(l_id=0, l_label=0, l_rec=0))

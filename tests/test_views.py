@@ -1,0 +1,147 @@
+"""Patches, views and corruptions: inversion, statistics, determinism."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from mixcl_ray.data.corruptions import (
+    CorruptionConfig,
+    corrupt,
+    inpaint,
+    local_shuffle,
+    nonlinear_transform,
+    outpaint,
+)
+from mixcl_ray.data.pairs import make_pretrain_example
+from mixcl_ray.data.patches import UNLABELLED, crop, sample_centres, sample_patches
+from mixcl_ray.data.views import ViewConfig, apply_spatial, augment_intensity, invert_spatial
+
+
+@pytest.mark.parametrize(
+    "flips, rot",
+    list(
+        itertools.product(
+            [np.array(f, bool) for f in itertools.product([0, 1], repeat=3)], range(4)
+        )
+    ),
+)
+def test_inverse_puts_every_voxel_back(flips, rot):
+    x = np.arange(2 * 6 * 6 * 4, dtype=np.float32).reshape(2, 6, 6, 4)
+    view = apply_spatial(x, flips, rot)
+    back = invert_spatial(torch.from_numpy(view)[None], torch.tensor([flips]), torch.tensor([rot]))[
+        0
+    ]
+    assert np.array_equal(back.numpy(), x)
+
+
+def test_voxel_correspondence_between_two_views():
+    """Embeddings of an equivariant 'network' (identity map) agree voxel for voxel once mapped back."""
+    rng = np.random.default_rng(0)
+    patch = rng.random((8, 8, 8)).astype(np.float32)
+    ex = make_pretrain_example(
+        patch,
+        np.zeros((8, 8, 8), np.uint8),
+        rng,
+        corruptions=None,
+        views=ViewConfig(scale=(1, 1), shift=(0, 0), gamma=(1, 1), noise_std=0),
+    )
+    batch = {k: torch.from_numpy(np.asarray(v))[None] for k, v in ex.items()}
+    back1 = invert_spatial(batch["input1"], batch["flips1"], batch["rot1"])
+    back2 = invert_spatial(batch["input2"], batch["flips2"], batch["rot2"])
+    assert torch.allclose(back1[0, 0], torch.from_numpy(patch)) and torch.allclose(back1, back2)
+
+
+def test_views_differ_in_intensity_independently():
+    rng = np.random.default_rng(1)
+    patch = rng.random((8, 8, 8)).astype(np.float32)
+    ex = make_pretrain_example(
+        patch,
+        np.zeros((8, 8, 8), np.uint8),
+        rng,
+        corruptions=None,
+        views=ViewConfig(flip_prob=0, rotate=False),
+    )
+    assert ex["clean1"].shape == (1, 8, 8, 8) and ex["clean1"].dtype == np.float32
+    assert not np.allclose(ex["clean1"], ex["clean2"])
+    # same geometry: strongly correlated; different intensity curves
+    assert np.corrcoef(ex["clean1"].ravel(), ex["clean2"].ravel())[0, 1] > 0.8
+
+
+def test_intensity_augmentation_ranges():
+    rng = np.random.default_rng(2)
+    x = np.linspace(0, 1, 1000, dtype=np.float32)
+    y = augment_intensity(x, rng, ViewConfig(noise_std=0))
+    assert np.all(np.diff(y) >= -1e-6)  # gamma, scale and shift keep the order
+    assert y.min() > -0.2 and y.max() < 1.4
+
+
+def test_rot90_needs_a_square_plane():
+    with pytest.raises(ValueError, match="square"):
+        apply_spatial(np.zeros((4, 6, 4)), np.zeros(3, bool), 1)
+
+
+def test_nonlinear_curve_maps_unit_interval_monotonically():
+    rng = np.random.default_rng(3)
+    x = np.linspace(0, 1, 500, dtype=np.float32)
+    for _ in range(20):
+        y = nonlinear_transform(x, rng)
+        d = np.diff(y)
+        assert y.min() >= 0 and y.max() <= 1
+        assert (d >= -1e-6).all() or (d <= 1e-6).all()
+
+
+def test_local_shuffle_permutes_within_blocks():
+    rng = np.random.default_rng(4)
+    x = rng.random((1, 16, 16, 16)).astype(np.float32)
+    y = local_shuffle(x, rng, blocks=50, block_max=0.25)
+    assert np.array_equal(np.sort(y.ravel()), np.sort(x.ravel()))  # the same values
+    moved = (y != x).mean()
+    assert 0.01 < moved < 0.9
+    # voxels stay local: the blurred volumes still agree closely
+    assert np.abs(y.mean(axis=(1, 2)) - x.mean(axis=(1, 2))).max() < 0.1
+
+
+def test_painting_statistics():
+    rng = np.random.default_rng(5)
+    x = np.full((1, 24, 24, 24), 0.5, np.float32)
+    changed_in = [(inpaint(x, rng) != x).mean() for _ in range(50)]
+    changed_out = [(outpaint(x, rng) != x).mean() for _ in range(50)]
+    assert 1 / 216 * 0.3 < min(changed_in) and max(changed_in) < 5 / 27 + 0.05
+    assert min(changed_out) > 0.3 and max(changed_out) < 0.95
+
+
+def test_corrupt_probabilities_and_determinism():
+    x = np.random.default_rng(6).random((1, 16, 16, 16)).astype(np.float32)
+    off = CorruptionConfig(nonlinear_prob=0, shuffle_prob=0, paint_prob=0)
+    assert np.array_equal(corrupt(x, np.random.default_rng(0), off), x)
+    on = CorruptionConfig()
+    a = corrupt(x, np.random.default_rng(9), on)
+    b = corrupt(x, np.random.default_rng(9), on)
+    assert np.array_equal(a, b) and not np.array_equal(a, x)
+    fractions = [(corrupt(x, np.random.default_rng(s), on) != x).mean() > 0 for s in range(40)]
+    assert np.mean(fractions) > 0.9  # P(no corruption) = 0.1 * 0.5 * 0.1
+
+
+def test_patch_centres_follow_the_pos_neg_ratio():
+    label = np.zeros((30, 30, 30), np.uint8)
+    label[10:14, 10:14, 10:14] = 2  # 64 of 27000 voxels
+    rng = np.random.default_rng(7)
+    centres = sample_centres(label, 2000, pos=1, neg=1, rng=rng)
+    on_fg = label[tuple(centres.T)] > 0
+    assert 0.45 < on_fg.mean() < 0.55
+    assert (label[tuple(sample_centres(label, 200, 1, 0, rng).T)] > 0).all()
+    assert (label[tuple(sample_centres(label, 200, 0, 1, rng).T)] == 0).all()
+
+
+def test_patches_are_padded_and_unlabelled_stays_unlabelled():
+    rng = np.random.default_rng(8)
+    image = rng.random((10, 40, 20)).astype(np.float32)
+    label = np.full(image.shape, UNLABELLED, np.uint8)
+    images, labels = sample_patches(image, label, (16, 16, 16), 4, rng)
+    assert images.shape == (4, 16, 16, 16) and labels.shape == (4, 16, 16, 16)
+    assert (labels == UNLABELLED).all()
+    assert (images[:, 10:] == image.min()).all()  # padding beyond the 10 voxels of x
+    window = crop(np.arange(27).reshape(3, 3, 3), np.array([0, 0, 0]), (2, 2, 2), fill=-1)
+    assert np.array_equal(window, np.arange(27).reshape(3, 3, 3)[:2, :2, :2])
