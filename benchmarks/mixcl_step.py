@@ -24,7 +24,10 @@ from mixcl_ray.models import MixCLModel, SegmentationNet
 
 PRESETS = {
     "cpu-tiny @ 32^3": (ModelConfig(), 32),
-    "paper UNet 16-256 @ 96^3": (ModelConfig(features=(16, 32, 64, 128, 256, 16), global_dim=128, dense_dim=64), 96),
+    "paper UNet 16-256 @ 96^3": (
+        ModelConfig(features=(16, 32, 64, 128, 256, 16), global_dim=128, dense_dim=64),
+        96,
+    ),
 }
 
 
@@ -33,9 +36,14 @@ def _batch(size: int, b: int = 2) -> dict[str, torch.Tensor]:
     q = size // 4
     label[:, q : 2 * q, q : 2 * q, q : 2 * q] = 1
     label[:, 2 * q : 3 * q, 2 * q : 3 * q, 2 * q : 3 * q] = 2
-    return {"input1": torch.rand(b, 1, size, size, size), "input2": torch.rand(b, 1, size, size, size),
-            "clean1": torch.rand(b, 1, size, size, size), "clean2": torch.rand(b, 1, size, size, size),
-            "label": label, "annotated": torch.ones(b, 3, dtype=torch.bool)}
+    return {
+        "input1": torch.rand(b, 1, size, size, size),
+        "input2": torch.rand(b, 1, size, size, size),
+        "clean1": torch.rand(b, 1, size, size, size),
+        "clean2": torch.rand(b, 1, size, size, size),
+        "label": label,
+        "annotated": torch.ones(b, 3, dtype=torch.bool),
+    }
 
 
 def mixcl_step(model, loss_fn, batch, timings):
@@ -53,15 +61,25 @@ def mixcl_step(model, loss_fn, batch, timings):
     t = time.perf_counter()
     from mixcl_ray.losses import sample_voxels
 
-    e, lab, ann = sample_voxels((out1["voxel_embeddings"], out2["voxel_embeddings"]), batch["label"],
-                                batch["annotated"], c.voxels_per_class, c.background_voxels, gen)
+    e, lab, ann = sample_voxels(
+        (out1["voxel_embeddings"], out2["voxel_embeddings"]),
+        batch["label"],
+        batch["annotated"],
+        c.voxels_per_class,
+        c.background_voxels,
+        gen,
+    )
     parts["label"] = loss_fn.label(e, lab, ann)
     timings["label loss (incl. sampling)"] += time.perf_counter() - t
     t = time.perf_counter()
-    parts["reconstruction"] = 0.5 * (loss_fn.reconstruction(out1["reconstruction"], batch["clean1"])
-                                     + loss_fn.reconstruction(out2["reconstruction"], batch["clean2"]))
+    parts["reconstruction"] = 0.5 * (
+        loss_fn.reconstruction(out1["reconstruction"], batch["clean1"])
+        + loss_fn.reconstruction(out2["reconstruction"], batch["clean2"])
+    )
     timings["reconstruction loss"] += time.perf_counter() - t
-    total = c.l_id * parts["identity"] + c.l_label * parts["label"] + c.l_rec * parts["reconstruction"]
+    total = (
+        c.l_id * parts["identity"] + c.l_label * parts["label"] + c.l_rec * parts["reconstruction"]
+    )
     t = time.perf_counter()
     model.zero_grad(set_to_none=True)
     total.backward()
@@ -78,10 +96,21 @@ def supervised_step(seg, loss, batch):
 def run(name, config, size, repeats):
     torch.manual_seed(0)
     model, loss_fn = MixCLModel(config), MixCLLoss(LossConfig())
-    seg, dice_ce = SegmentationNet(config, num_classes=3), DiceCELoss(to_onehot_y=True, softmax=True)
+    seg, dice_ce = (
+        SegmentationNet(config, num_classes=3),
+        DiceCELoss(to_onehot_y=True, softmax=True),
+    )
     batch = _batch(size)
-    timings = dict.fromkeys(["model forward", "identity loss", "label loss (incl. sampling)",
-                             "reconstruction loss", "backward"], 0.0)
+    timings = dict.fromkeys(
+        [
+            "model forward",
+            "identity loss",
+            "label loss (incl. sampling)",
+            "reconstruction loss",
+            "backward",
+        ],
+        0.0,
+    )
     mixcl_step(model, loss_fn, batch, dict(timings))  # warm-up
     supervised_step(seg, dice_ce, batch)
     start = time.perf_counter()
@@ -92,20 +121,32 @@ def run(name, config, size, repeats):
     for _ in range(repeats):
         supervised_step(seg, dice_ce, batch)
     baseline = (time.perf_counter() - start) / repeats
-    print(f"\n{name}: batch 2 (two views each), {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    print(
+        f"\n{name}: batch 2 (two views each), {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
+    )
     print(f"  MixCL step (forward + backward): {step * 1000:8.1f} ms")
-    print(f"  supervised DiceCE step, same network and voxels: {baseline * 1000:8.1f} ms   ratio {step / baseline:.2f}x")
+    print(
+        f"  supervised DiceCE step, same network and voxels: {baseline * 1000:8.1f} ms   ratio {step / baseline:.2f}x"
+    )
     for part, seconds in timings.items():
-        print(f"    {part:<30}{seconds / repeats * 1000:8.1f} ms  {100 * seconds / repeats / step:5.1f} %")
+        print(
+            f"    {part:<30}{seconds / repeats * 1000:8.1f} ms  {100 * seconds / repeats / step:5.1f} %"
+        )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-large", action="store_true", help="only the 32^3 tiny preset (CI smoke)")
+    parser.add_argument(
+        "--skip-large", action="store_true", help="only the 32^3 tiny preset (CI smoke)"
+    )
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
     for name, (config, size) in PRESETS.items():
         if args.skip_large and size > 32:
             continue

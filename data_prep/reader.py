@@ -120,9 +120,11 @@ def read_cases(
     split: str | None = None,
     label_fraction: float | None = None,
     sources: list[str] | None = None,
+    case_ids: list[str] | None = None,
     decode: bool = True,
 ):
-    """A ``ray.data.Dataset`` with one row per selected case (see ``select_case_ids``).
+    """A ``ray.data.Dataset`` with one row per selected case (see ``select_case_ids``, or the
+    explicit ``case_ids``).
 
     Only the shards that hold selected cases are read. With ``decode=False`` rows keep the raw
     Parquet columns (volumes as bytes), which is cheaper to move around before sampling.
@@ -131,7 +133,13 @@ def read_cases(
     from ray.data.expressions import col
 
     manifest = read_manifest(out)
-    ids = select_case_ids(out, split=split, label_fraction=label_fraction, sources=sources)
+    if case_ids is not None:
+        unknown = sorted(set(case_ids) - set(manifest["cases"]))
+        if unknown:
+            raise ValueError(f"cases not in {out}: {unknown[:5]}")
+        ids = sorted(case_ids)
+    else:
+        ids = select_case_ids(out, split=split, label_fraction=label_fraction, sources=sources)
     if not ids:
         raise ValueError(
             f"no case selected in {out} (split={split}, label_fraction={label_fraction}, sources={sources})"

@@ -1,0 +1,219 @@
+"""Ray Data feed of the training stages: cases -> per-epoch random patches -> workers.
+
+Deterministic work happens once (reading and decoding the cases, hiding labels that a run may
+not use, optionally kept in the object store with ``materialize``); random patch sampling,
+views and corruptions run per epoch in Ray Data tasks on any CPU of the cluster. The random
+stream of a case in an epoch is seeded by (seed, case id, epoch), where the epoch is the
+dataset's execution index (one execution per epoch) plus ``epoch_offset`` for resumed runs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import partial
+
+import numpy as np
+
+from data_prep.reader import UNLABELLED, read_cases, read_manifest, read_splits
+from data_prep.splits import fraction_key
+from mixcl_ray.data.pairs import make_pretrain_example
+from mixcl_ray.data.patches import sample_patches
+
+
+def epoch_index() -> int:
+    """How many times this dataset has been executed before (the epoch, within one ``fit``)."""
+    from ray.data.context import DataContext
+
+    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
+
+
+def case_rng(seed: int, case_id: str, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(case_id.encode()), epoch])
+
+
+def _one(batch: dict, key: str):
+    value = batch[key][0]
+    return np.asarray(value) if not isinstance(value, str | bytes) else value
+
+
+def target_source(data_dir, source: str | None = None) -> str:
+    manifest = read_manifest(data_dir)
+    source = source or manifest.get("target_source")
+    if not source:
+        raise ValueError(
+            f"{data_dir} names no target source: pass --source (one of {sorted(manifest['sources'])})"
+        )
+    if source not in manifest["sources"]:
+        raise ValueError(f"unknown source {source!r}; known: {sorted(manifest['sources'])}")
+    return source
+
+
+def pretraining_cases(
+    data_dir, pretrain_label_fraction: float, target_images: bool
+) -> tuple[list[str], set[str]]:
+    """(all pre-training case ids, the ones whose labels are used).
+
+    Labelled pre-training cases are the training cases of every source except the target, the
+    nested ``pretrain_label_fraction`` subset of them keeping labels; the rest, the unlabelled
+    pool and (with ``target_images``) the target's training images join without labels. The
+    target's labels, validation and test cases are never seen.
+    """
+    manifest, splits = read_manifest(data_dir), read_splits(data_dir)
+    target = manifest.get("target_source")
+    labelled: set[str] = set()
+    ids: set[str] = set(splits["unlabelled"])
+    for name, src in splits["sources"].items():
+        if name == target:
+            if target_images:
+                ids.update(src["train"])
+            continue
+        ids.update(src["train"])
+        if pretrain_label_fraction > 0 and src["train"]:
+            key = fraction_key(pretrain_label_fraction)
+            chosen = src["label_fractions"].get(key)
+            if chosen is None:
+                k = max(1, round(pretrain_label_fraction * len(src["train"])))
+                chosen = src["label_fractions"]["1"][:k]
+            labelled.update(chosen)
+    ids = {i for i in ids if i in manifest["cases"]}
+    return sorted(ids), labelled & ids
+
+
+def _annotated_vector(annotated: np.ndarray, num_classes: int) -> np.ndarray:
+    vec = np.zeros(num_classes, dtype=bool)
+    vec[np.asarray(annotated, dtype=np.int64)] = True
+    return vec
+
+
+def _pretrain_case(row: dict, labelled: frozenset, num_classes: int) -> dict:
+    keep = row["labelled"] and row["case_id"] in labelled
+    label = row["label"] if keep else np.full(row["image"].shape, UNLABELLED, np.uint8)
+    return {
+        "case_id": row["case_id"],
+        "image": row["image"],
+        "label": label,
+        "annotated": _annotated_vector(row["annotated_classes"], num_classes)
+        if keep
+        else np.zeros(num_classes, bool),
+    }
+
+
+def _pretrain_examples(batch: dict, config: dict, epoch_offset: int) -> dict:
+    """One case -> patches_per_case two-view examples (input1/2, clean1/2, flips1/2, rot1/2,
+    label, annotated)."""
+    from mixcl_ray.train_config import PretrainConfig, from_dict
+
+    cfg = from_dict(PretrainConfig, config)
+    case_id = str(_one(batch, "case_id"))
+    rng = case_rng(cfg.optim.seed, case_id, epoch_index() + epoch_offset)
+    p = cfg.patches
+    images, labels = sample_patches(
+        _one(batch, "image"),
+        _one(batch, "label"),
+        p.patch_size,
+        p.patches_per_case,
+        rng,
+        p.pos,
+        p.neg,
+    )
+    corruptions = (
+        cfg.corruptions if cfg.loss.l_rec > 0 else None
+    )  # baselines without L_rec see clean views
+    examples = [
+        make_pretrain_example(img, lab, rng, cfg.views, corruptions)
+        for img, lab in zip(images, labels, strict=True)
+    ]
+    out = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    out["annotated"] = np.repeat(_one(batch, "annotated")[None], len(examples), axis=0)
+    return out
+
+
+def build_pretrain_dataset(data_dir, config: dict, epoch_offset: int = 0):
+    """The Ray Dataset of pre-training examples of one epoch (re-executed every epoch)."""
+    from mixcl_ray.train_config import PretrainConfig, from_dict
+
+    cfg = from_dict(PretrainConfig, config)
+    ids, labelled = pretraining_cases(data_dir, cfg.pretrain_label_fraction, cfg.target_images)
+    num_classes = len(read_manifest(data_dir)["class_map"])
+    ds = read_cases(data_dir, case_ids=ids).map(
+        partial(_pretrain_case, labelled=frozenset(labelled), num_classes=num_classes)
+    )
+    if cfg.patches.cache_cases:
+        ds = ds.materialize()
+    return ds.map_batches(
+        partial(_pretrain_examples, config=config, epoch_offset=epoch_offset),
+        batch_size=1,
+        num_cpus=cfg.patches.cpus_per_data_task,
+    )
+
+
+def class_lookup(data_dir, source: str) -> tuple[np.ndarray, list[str]]:
+    """Global class id -> the target's own class index (0 = background), and the class names."""
+    manifest = read_manifest(data_dir)
+    classes = manifest["sources"][source]["annotated_classes"]  # name -> global id
+    names = ["background", *sorted(classes, key=classes.get)]
+    lut = np.zeros(256, dtype=np.uint8)
+    for local, name in enumerate(names[1:], start=1):
+        lut[classes[name]] = local
+    return lut, names
+
+
+def _finetune_case(row: dict, lut: np.ndarray) -> dict:
+    return {"case_id": row["case_id"], "image": row["image"], "label": lut[row["label"]]}
+
+
+def _segmentation_examples(
+    batch: dict, patch: dict, seed: int, repeats: int, epoch_offset: int
+) -> dict:
+    from mixcl_ray.train_config import PatchConfig, from_dict
+
+    p = from_dict(PatchConfig, patch)
+    case_id = str(_one(batch, "case_id"))
+    rng = case_rng(seed, case_id, epoch_index() + epoch_offset)
+    images, labels = sample_patches(
+        _one(batch, "image"),
+        _one(batch, "label"),
+        p.patch_size,
+        p.patches_per_case * repeats,
+        rng,
+        p.pos,
+        p.neg,
+    )
+    flips = rng.random((len(images), 3)) < 0.5  # flips keep the organ's appearance
+    for i, f in enumerate(flips):
+        axes = tuple(np.flatnonzero(f))
+        if axes:
+            images[i], labels[i] = np.flip(images[i], axes), np.flip(labels[i], axes)
+    return {"image": images[:, None], "label": labels[:, None]}
+
+
+def build_finetune_dataset(data_dir, config: dict, epoch_offset: int = 0):
+    """The Ray Dataset of (image, label) patches of the label-fraction subset, one epoch."""
+    from mixcl_ray.train_config import FinetuneConfig, from_dict, to_dict
+
+    cfg = from_dict(FinetuneConfig, config)
+    source = target_source(data_dir, cfg.source)
+    ids = read_splits(data_dir)["sources"][source]["label_fractions"].get(
+        fraction_key(cfg.label_fraction)
+    )
+    if ids is None:
+        raise ValueError(
+            f"label fraction {cfg.label_fraction} is not in splits.json; prepare with --label-fractions"
+        )
+    lut, _ = class_lookup(data_dir, source)
+    per_epoch = len(ids) * cfg.patches.patches_per_case
+    repeats = max(1, -(-cfg.min_patches_per_epoch // per_epoch))
+    ds = read_cases(data_dir, case_ids=ids).map(partial(_finetune_case, lut=lut))
+    if cfg.patches.cache_cases:
+        ds = ds.materialize()
+    return ds.map_batches(
+        partial(
+            _segmentation_examples,
+            patch=to_dict(cfg.patches),
+            seed=cfg.optim.seed,
+            repeats=repeats,
+            epoch_offset=epoch_offset,
+        ),
+        batch_size=1,
+        num_cpus=cfg.patches.cpus_per_data_task,
+    )

@@ -1,0 +1,368 @@
+"""Fine-tuning with a label fraction: ``python -m mixcl_ray.finetune --data OUT --label-fraction F``.
+
+Builds the segmentation network, loads pre-trained encoder/decoder weights (reporting what
+loaded), trains with MONAI DiceCE on the label-fraction subset that splits.json defines,
+validates with sliding-window inference and per-class Dice, and keeps the best checkpoint.
+Scratch is the same run without ``--pretrained``: every method gets the same budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixcl_ray.train_config import FinetuneConfig, from_dict, load_config, merge, to_dict
+
+BEST_FILE = "best_model.pt"
+
+
+def _gather(obj):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def finetune_loop(loop_config: dict) -> None:
+    """The per-worker training function (Ray Train)."""
+    import ray.train
+    import ray.train.torch
+    from monai.losses import DiceCELoss
+
+    from data_prep.reader import load_case
+    from mixcl_ray.evaluate import nan_mean, validate_cases
+    from mixcl_ray.models import SegmentationNet, load_pretrained, unwrap
+    from mixcl_ray.train_utils import (
+        autocast,
+        build_optimizer,
+        build_scheduler,
+        grad_scaler,
+        load_checkpoint_state,
+        restore_state,
+        save_checkpoint_dir,
+        training_state,
+    )
+
+    cfg = from_dict(FinetuneConfig, loop_config["config"])
+    torch.set_num_threads(max(1, int(loop_config["torch_threads"])))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.optim.seed + rank)
+    names = loop_config["class_names"]
+    model = SegmentationNet(cfg.model, num_classes=len(names))
+    load_report = None
+    if loop_config.get("pretrained"):
+        parts = ("encoder", "decoder") if cfg.load_decoder else ("encoder",)
+        load_report = load_pretrained(model, loop_config["pretrained"], parts=parts)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, loop_config["steps_per_epoch"])
+    scaler = grad_scaler(device, cfg.scaling.amp)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    start_epoch, step, best, history = 0, 0, {"dice": -1.0, "epoch": -1}, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint_state(folder)
+            start_epoch, step = restore_state(state, model, optimizer, scheduler, scaler)
+            best = state["extra"]["best"]
+            history = state["extra"].get("history", [])
+    lut = np.asarray(loop_config["lut"], dtype=np.uint8)
+    my_val = [
+        dict(c, label=lut[c["label"]])
+        for c in (
+            load_case(loop_config["data_dir"], i) for i in loop_config["val_ids"][rank::world]
+        )
+    ]
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        model.train()
+        total, batches, patches, wait = 0.0, 0, 0, 0.0
+        start = tick = time.perf_counter()
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.patches.batch_size,
+            device=device,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.patches.shuffle_buffer,
+        ):
+            wait += time.perf_counter() - tick
+            with autocast(device, cfg.scaling.amp):
+                loss = loss_fn(model(batch["image"]), batch["label"].long())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite DiceCE loss ({loss.item()}) at step {step}: lower the learning rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total += float(loss.detach())
+            batches += 1
+            patches += batch["image"].shape[0]
+            step += 1
+            tick = time.perf_counter()
+        seconds = time.perf_counter() - start
+        metrics = {
+            "epoch": epoch,
+            "step": step,
+            "train/loss": total / max(1, batches),
+            "train/patches_per_s": patches * world / seconds,
+            "train/data_wait_share": wait / seconds,
+            "train/lr": scheduler.get_last_lr()[0],
+        }
+        if load_report is not None:
+            metrics["pretrained/loaded_tensors"] = len(load_report.loaded)
+        validate = (epoch + 1) % cfg.val_every == 0 or epoch == cfg.optim.epochs - 1
+        if validate:
+            results = {}
+            for part in _gather(
+                validate_cases(
+                    unwrap(model),
+                    my_val,
+                    len(names),
+                    cfg.patches.patch_size,
+                    device,
+                    cfg.sw_batch_size,
+                    cfg.sw_overlap,
+                    autocast(device, cfg.scaling.amp),
+                )
+            ):
+                results.update(part)
+            per_case = np.stack([results[k] for k in sorted(results)])  # (cases, classes - 1)
+            per_class = [nan_mean(per_case[:, c]) for c in range(per_case.shape[1])]
+            metrics["val/dice_mean"] = nan_mean(per_class)
+            metrics.update({f"val/dice/{n}": d for n, d in zip(names[1:], per_class, strict=True)})
+            improved = metrics["val/dice_mean"] > best["dice"]
+            if improved:
+                best = {"dice": metrics["val/dice_mean"], "epoch": epoch}
+            metrics["val/best_dice_mean"] = best["dice"]
+        else:
+            improved = False
+        if rank == 0:
+            history.append(metrics)
+            state = training_state(
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                epoch,
+                step,
+                extra={"best": best, "history": history},
+            )
+            previous = loop_config.get("_best_copy")
+            extra = {}
+            if improved:
+                extra[BEST_FILE] = lambda p: torch.save(
+                    {"model": unwrap(model).state_dict(), **best}, p
+                )
+            folder = save_checkpoint_dir(state, extra)
+            if not improved:
+                _carry_best(folder, previous)
+            loop_config["_best_copy"] = str(Path(folder) / BEST_FILE) if improved else previous
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"epoch_{epoch:04d}",
+            )
+        else:
+            ray.train.report(metrics)
+
+
+def _carry_best(folder: str, previous: str | None) -> None:
+    """Every checkpoint carries the best weights so far, so the last one always has them."""
+    import shutil
+
+    if previous and Path(previous).exists():
+        shutil.copy(previous, Path(folder) / BEST_FILE)
+
+
+@dataclass
+class FinetuneResult:
+    checkpoint: Path
+    best_model: Path
+    metrics: dict
+    history: list[dict]
+    load_summary: str | None
+    name: str
+
+
+def run_finetuning(
+    data_dir,
+    storage,
+    config: FinetuneConfig,
+    pretrained=None,
+    name: str | None = None,
+    callbacks: list | None = None,
+) -> FinetuneResult:
+    """Fine-tune with Ray Train (Ray must be initialised); resumes a run of the same name."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from data_prep.reader import read_manifest, read_splits
+    from mixcl_ray.feed import build_finetune_dataset, class_lookup, target_source
+    from mixcl_ray.models import SegmentationNet, check_patch_size, load_pretrained
+    from mixcl_ray.pretrain import PRETRAINED_FILE
+    from mixcl_ray.train_utils import cpus_per_worker, run_name
+
+    check_patch_size(SegmentationNet(config.model, 2).backbone, config.patches.patch_size)
+    source = target_source(data_dir, config.source)
+    config = merge(config, {"source": source})
+    lut, names = class_lookup(data_dir, source)
+    splits = read_splits(data_dir)["sources"][source]
+    if not splits["val"]:
+        raise ValueError(f"source {source} has no validation cases in splits.json")
+    summary = None
+    if pretrained is not None:
+        pretrained = Path(pretrained)
+        if pretrained.is_dir():
+            pretrained = pretrained / PRETRAINED_FILE
+        if not pretrained.exists():
+            raise FileNotFoundError(f"pre-trained weights not found: {pretrained}")
+        parts = ("encoder", "decoder") if config.load_decoder else ("encoder",)
+        summary = load_pretrained(
+            SegmentationNet(config.model, len(names)), pretrained, parts=parts
+        ).summary()
+    config_dict = to_dict(config)
+    manifest = read_manifest(data_dir)
+    name = name or run_name(
+        "finetune",
+        {"config": config_dict, "pretrained": str(pretrained)},
+        manifest["input_fingerprint"],
+    )
+    workers = config.scaling.workers
+    per_worker = cpus_per_worker(config.scaling, ray.cluster_resources().get("CPU", 1))
+    n_train = len(splits["label_fractions"][f"{config.label_fraction:g}"])
+    per_epoch = n_train * config.patches.patches_per_case
+    per_epoch *= max(1, -(-config.min_patches_per_epoch // per_epoch))
+    run_dir = Path(storage).absolute() / name
+    from mixcl_ray.pretrain import _resume_epoch
+
+    trainer = TorchTrainer(
+        finetune_loop,
+        train_loop_config={
+            "config": config_dict,
+            "class_names": names,
+            "lut": lut.tolist(),
+            "data_dir": str(Path(data_dir).absolute()),
+            "val_ids": splits["val"],
+            "pretrained": str(pretrained) if pretrained else None,
+            "steps_per_epoch": max(1, per_epoch // (config.patches.batch_size * workers)),
+            "torch_threads": max(1, int(per_worker)),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(Path(storage).absolute()),
+            callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={
+            "train": build_finetune_dataset(
+                data_dir, config_dict, epoch_offset=_resume_epoch(run_dir)
+            )
+        },
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"fine-tuning {name} finished without a checkpoint: {result.error}")
+    folder = Path(result.checkpoint.path)
+    from mixcl_ray.train_utils import load_checkpoint_state
+
+    history = load_checkpoint_state(folder)["extra"].get("history", [])
+    return FinetuneResult(
+        folder, folder / BEST_FILE, dict(result.metrics or {}), history, summary, name
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mixcl_ray.finetune",
+        description="Fine-tune a segmentation network on a label fraction of the target task, from "
+        "scratch or from pre-trained weights; validation Dice per organ with sliding-window inference.",
+    )
+    parser.add_argument(
+        "--data", required=True, type=Path, help="output folder of `python -m data_prep prepare`"
+    )
+    parser.add_argument(
+        "--label-fraction",
+        required=True,
+        type=float,
+        help="e.g. 0.05, 0.15 or 1 (from splits.json)",
+    )
+    parser.add_argument(
+        "--pretrained", type=Path, help="pretrained.pt or a pre-training checkpoint folder"
+    )
+    parser.add_argument(
+        "--storage", type=Path, default=Path("runs"), help="checkpoint folder (default: runs)"
+    )
+    parser.add_argument("--preset", choices=["cpu-tiny", "paper"], default="cpu-tiny")
+    parser.add_argument("--config", type=Path, help="YAML overrides")
+    parser.add_argument("--source", help="target source (default: the manifest's target)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--name", help="run name (default: derived from config, so re-runs resume)")
+    parser.add_argument("--address", help="Ray address (e.g. auto); default: start Ray locally")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mixcl_ray.pretrain import init_ray
+
+    args = build_parser().parse_args(argv)
+    overrides: dict = {"label_fraction": args.label_fraction}
+    if args.source:
+        overrides["source"] = args.source
+    for key, value, section in (
+        ("seed", args.seed, "optim"),
+        ("epochs", args.epochs, "optim"),
+        ("workers", args.workers, "scaling"),
+    ):
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    if args.gpu:
+        overrides.setdefault("scaling", {})["use_gpu"] = True
+    try:
+        config = load_config("finetune", args.preset, args.config, overrides)
+        init_ray(args.address)
+        result = run_finetuning(args.data, args.storage, config, args.pretrained, args.name)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if result.load_summary:
+        print(f"pre-trained weights: {result.load_summary}")
+    m = result.metrics
+    print(
+        json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}, indent=1)
+    )
+    print(
+        f"fine-tuning {result.name} done: best validation Dice {m.get('val/best_dice_mean', float('nan')):.4f}, "
+        f"final {m.get('val/dice_mean', float('nan')):.4f}; best weights {result.best_model}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

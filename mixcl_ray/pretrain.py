@@ -1,0 +1,317 @@
+"""MixCL pre-training on Ray Train: ``python -m mixcl_ray.pretrain --data OUT --storage DIR``.
+
+Each worker runs ``pretrain_loop``: it rebuilds the typed config, builds model, loss and
+optimiser, resumes from ``ray.train.get_checkpoint()`` if there is one, and per epoch streams
+its shard of two-view examples, reports every loss term, patches/s and the share of step time
+spent waiting for data, and (rank 0) attaches a checkpoint. Re-running the same command with the
+same storage resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mixcl_ray.train_config import PretrainConfig, from_dict, load_config, to_dict
+
+PRETRAINED_FILE = "pretrained.pt"
+
+
+def _invert(out: dict, batch: dict, view: str) -> dict:
+    from mixcl_ray.data.views import invert_spatial
+
+    if "voxel_embeddings" in out:
+        out = dict(
+            out,
+            voxel_embeddings=invert_spatial(
+                out["voxel_embeddings"], batch[f"flips{view}"], batch[f"rot{view}"]
+            ),
+        )
+    return out
+
+
+def pretrain_loop(loop_config: dict) -> None:
+    """The per-worker training function (Ray Train)."""
+    import ray.train
+    import ray.train.torch
+
+    from mixcl_ray.losses import MixCLLoss
+    from mixcl_ray.models import MixCLModel, save_pretrained
+    from mixcl_ray.train_utils import (
+        autocast,
+        build_optimizer,
+        build_scheduler,
+        grad_scaler,
+        load_checkpoint_state,
+        restore_state,
+        save_checkpoint_dir,
+        training_state,
+    )
+
+    cfg = from_dict(PretrainConfig, loop_config["config"])
+    torch.set_num_threads(max(1, int(loop_config["torch_threads"])))
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.optim.seed + rank)
+    generator = torch.Generator().manual_seed(cfg.optim.seed * 1000 + rank)
+    model = MixCLModel(cfg.model)
+    loss_fn = MixCLLoss(cfg.loss)
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    optimizer = build_optimizer(model, cfg.optim)
+    steps_per_epoch = loop_config["steps_per_epoch"]
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
+    scaler = grad_scaler(device, cfg.scaling.amp)
+    start_epoch, step, history = 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint_state(folder)
+            start_epoch, step = restore_state(state, model, optimizer, scheduler, scaler, generator)
+            history = state["extra"].get("history", [])
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        model.train()
+        sums: dict[str, float] = {}
+        batches = patches = 0
+        wait = 0.0
+        start = time.perf_counter()
+        tick = start
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.patches.batch_size,
+            device=device,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.patches.shuffle_buffer,
+        ):
+            wait += time.perf_counter() - tick
+            with autocast(device, cfg.scaling.amp):
+                out1 = _invert(model(batch["input1"], heads=loss_fn.heads), batch, "1")
+                out2 = _invert(model(batch["input2"], heads=loss_fn.heads), batch, "2")
+                terms = loss_fn(out1, out2, batch, step=step, generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            batches += 1
+            patches += batch["input1"].shape[0]
+            step += 1
+            tick = time.perf_counter()
+        seconds = time.perf_counter() - start
+        metrics = {
+            f"train/{'loss' if k == 'loss' else 'loss_' + k}": v / max(1, batches)
+            for k, v in sums.items()
+        }
+        metrics.update(
+            {
+                "epoch": epoch,
+                "step": step,
+                "train/patches_per_s": patches * ctx.get_world_size() / seconds,
+                "train/data_wait_share": wait / seconds,
+                "train/epoch_seconds": seconds,
+                "train/lr": scheduler.get_last_lr()[0],
+            }
+        )
+        if rank == 0:
+            history.append(metrics)
+            state = training_state(
+                model, optimizer, scheduler, scaler, epoch, step, generator, {"history": history}
+            )
+            folder = save_checkpoint_dir(
+                state, {PRETRAINED_FILE: lambda p: save_pretrained(model, p, to_dict(cfg.model))}
+            )
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"epoch_{epoch:04d}",
+            )
+        else:
+            ray.train.report(metrics)
+        if loop_config.get("fail_after_epoch") == epoch:  # fault injection for the resume tests
+            raise RuntimeError(f"injected failure after epoch {epoch}")
+
+
+@dataclass
+class PretrainResult:
+    checkpoint: Path  # folder of the last epoch's checkpoint (holds pretrained.pt)
+    pretrained: Path
+    metrics: dict
+    history: list[dict]
+    storage: Path
+    name: str
+
+
+def _resume_epoch(run_dir: Path) -> int:
+    """Next epoch of an interrupted run in ``run_dir`` (0 when nothing is there)."""
+    epochs = [
+        int(p.name.split("_")[1]) for p in run_dir.glob("epoch_*") if (p / "state.pt").exists()
+    ]
+    return max(epochs) + 1 if epochs else 0
+
+
+def run_pretraining(
+    data_dir,
+    storage,
+    config: PretrainConfig,
+    name: str | None = None,
+    callbacks: list | None = None,
+    fail_after_epoch: int | None = None,
+) -> PretrainResult:
+    """Pre-train with Ray Train (Ray must be initialised). Re-running with the same storage and
+    name resumes from the last checkpoint; a finished run returns at once."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from data_prep.reader import read_manifest
+    from mixcl_ray.feed import build_pretrain_dataset, pretraining_cases
+    from mixcl_ray.models import check_patch_size
+    from mixcl_ray.models.backbones import build_backbone
+    from mixcl_ray.train_utils import cpus_per_worker, run_name
+
+    check_patch_size(build_backbone(config.model), config.patches.patch_size)
+    manifest = read_manifest(data_dir)
+    config_dict = to_dict(config)
+    name = name or run_name("pretrain", config_dict, manifest["input_fingerprint"])
+    storage = Path(storage).absolute()
+    run_dir = storage / name
+    ids, _ = pretraining_cases(data_dir, config.pretrain_label_fraction, config.target_images)
+    workers = config.scaling.workers
+    per_worker = cpus_per_worker(config.scaling, ray.cluster_resources().get("CPU", 1))
+    steps_per_epoch = max(
+        1, len(ids) * config.patches.patches_per_case // (config.patches.batch_size * workers)
+    )
+    trainer = TorchTrainer(
+        pretrain_loop,
+        train_loop_config={
+            "config": config_dict,
+            "steps_per_epoch": steps_per_epoch,
+            "torch_threads": max(1, int(per_worker)),
+            "fail_after_epoch": fail_after_epoch,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={
+            "train": build_pretrain_dataset(
+                data_dir, config_dict, epoch_offset=_resume_epoch(run_dir)
+            )
+        },
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"pre-training {name} finished without a checkpoint: {result.error}")
+    folder = Path(result.checkpoint.path)
+    from mixcl_ray.train_utils import load_checkpoint_state
+
+    history = load_checkpoint_state(folder)["extra"].get("history", [])
+    return PretrainResult(
+        folder, folder / PRETRAINED_FILE, dict(result.metrics or {}), history, storage, name
+    )
+
+
+def init_ray(address: str | None = None) -> None:
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mixcl_ray.pretrain",
+        description="MixCL pre-training on Ray Train (DDP workers fed by Ray Data). Re-running the same "
+        "command with the same --storage resumes an interrupted run.",
+    )
+    parser.add_argument(
+        "--data", required=True, type=Path, help="output folder of `python -m data_prep prepare`"
+    )
+    parser.add_argument(
+        "--storage", required=True, type=Path, help="folder for checkpoints (shared on a cluster)"
+    )
+    parser.add_argument("--preset", choices=["cpu-tiny", "paper"], default="cpu-tiny")
+    parser.add_argument(
+        "--config", type=Path, help="YAML overrides, e.g. {loss: {l_rec: 0}, optim: {epochs: 20}}"
+    )
+    parser.add_argument(
+        "--method",
+        choices=["mixcl", "identity", "reconstruction", "label"],
+        default=None,
+        help="a baseline is a setting of the same code: which loss terms are on",
+    )
+    parser.add_argument("--workers", type=int, help="Ray Train workers")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    parser.add_argument(
+        "--name", help="run name (default: derived from config and data, so re-runs resume)"
+    )
+    parser.add_argument("--address", help="Ray address (e.g. auto); default: start Ray locally")
+    return parser
+
+
+def overrides_from_args(args) -> dict:
+    from mixcl_ray.config import METHODS
+
+    overrides: dict = {}
+    if args.method:
+        l_id, l_label, l_rec = METHODS[args.method]
+        overrides["loss"] = {"l_id": l_id, "l_label": l_label, "l_rec": l_rec}
+    if args.workers:
+        overrides.setdefault("scaling", {})["workers"] = args.workers
+    if args.gpu:
+        overrides.setdefault("scaling", {})["use_gpu"] = True
+    if args.epochs:
+        overrides.setdefault("optim", {})["epochs"] = args.epochs
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config("pretrain", args.preset, args.config)
+        if overrides_from_args(args):
+            from mixcl_ray.train_config import merge
+
+            config = merge(config, overrides_from_args(args))
+        init_ray(args.address)
+        result = run_pretraining(args.data, args.storage, config, args.name)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    m = result.metrics
+    print(
+        json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}, indent=1)
+    )
+    print(f"pre-training {result.name} done: final checkpoint {result.checkpoint}")
+    print(f"pre-trained weights for fine-tuning: {result.pretrained}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""Typed configuration of the training stages, presets, and YAML overrides.
+
+A stage config is a frozen dataclass of frozen sections. It crosses into Ray as a plain dict
+(``to_dict``) and is rebuilt inside the worker (``from_dict``), which refuses unknown keys.
+
+Presets:
+- ``cpu-tiny`` (default): 32^3 patches, UNet 8-64, a few epochs; minutes on two CPU cores.
+- ``paper``: 96^3 patches, UNet 16-256, GPU workers with bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mixcl_ray.config import LossConfig, ModelConfig, _check
+from mixcl_ray.data.corruptions import CorruptionConfig
+from mixcl_ray.data.views import ViewConfig
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    patches_per_case: int = 8  # per case and epoch
+    pos: float = 1.0  # foreground : background patch centres, as RandCropByPosNegLabeld
+    neg: float = 1.0
+    batch_size: int = 4  # per worker
+    cache_cases: bool = True  # decode the volumes once into the object store
+    shuffle_buffer: int = 32  # patches mixed across cases before batching
+    cpus_per_data_task: float = 0.5
+
+    def __post_init__(self):
+        _check(
+            len(self.patch_size) == 3 and min(self.patch_size) > 0,
+            f"patch_size must be 3 positive sides, got {self.patch_size}",
+        )
+        _check(
+            self.patches_per_case > 0 and self.batch_size > 0,
+            "patches_per_case and batch_size must be > 0",
+        )
+        _check(
+            self.pos >= 0 and self.neg >= 0 and self.pos + self.neg > 0,
+            "pos/neg must be >= 0, not both 0",
+        )
+        _check(self.cpus_per_data_task > 0, "cpus_per_data_task must be > 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0 (per step)
+    grad_clip: float = 1.0  # max gradient norm; 0 switches clipping off
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        _check(self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0")
+        _check(
+            self.warmup_epochs >= 0 and self.grad_clip >= 0,
+            "warmup_epochs and grad_clip must be >= 0",
+        )
+
+
+@dataclass(frozen=True)
+class ScalingSettings:
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None  # None: 1 with a GPU, else half the CPUs shared by workers
+    amp: str = "bf16"  # autocast dtype on GPU: bf16 | fp16 | none (always fp32 on CPU)
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+
+    def __post_init__(self):
+        _check(self.workers > 0, f"workers must be > 0, got {self.workers}")
+        _check(
+            self.amp in ("bf16", "fp16", "none"),
+            f"amp must be bf16, fp16 or none, got {self.amp!r}",
+        )
+        _check(
+            self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker must be > 0"
+        )
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    corruptions: CorruptionConfig = field(default_factory=CorruptionConfig)
+    patches: PatchConfig = field(default_factory=PatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    preset: str = "cpu-tiny"
+    pretrain_label_fraction: float = 1.0  # of the labelled pre-training cases whose labels are used
+    target_images: bool = True  # the target task's training images join as unlabelled cases
+
+    def __post_init__(self):
+        _check(0 <= self.pretrain_label_fraction <= 1, "pretrain_label_fraction must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    patches: PatchConfig = field(default_factory=lambda: PatchConfig(patches_per_case=16))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(epochs=10, lr=2e-3, warmup_epochs=0.5)
+    )
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    preset: str = "cpu-tiny"
+    label_fraction: float = 1.0
+    source: str | None = None  # target source; None: the manifest's target_source
+    load_decoder: bool = True
+    min_patches_per_epoch: int = 64  # small label fractions repeat their cases up to this
+    val_every: int = 1
+    sw_batch_size: int = 4
+    sw_overlap: float = 0.25
+
+    def __post_init__(self):
+        _check(
+            0 < self.label_fraction <= 1,
+            f"label_fraction must be in (0, 1], got {self.label_fraction}",
+        )
+        _check(
+            self.val_every > 0 and 0 <= self.sw_overlap < 1,
+            "val_every must be > 0 and sw_overlap in [0, 1)",
+        )
+
+
+PAPER_MODEL = ModelConfig(features=(16, 32, 64, 128, 256, 16), global_dim=128, dense_dim=64)
+PAPER_PATCHES = PatchConfig(
+    patch_size=(96, 96, 96), patches_per_case=4, batch_size=2, cpus_per_data_task=1.0
+)
+PAPER_SCALING = ScalingSettings(workers=1, use_gpu=True)
+
+PRESETS = {
+    "cpu-tiny": {"pretrain": PretrainConfig(), "finetune": FinetuneConfig()},
+    "paper": {
+        "pretrain": PretrainConfig(
+            model=PAPER_MODEL,
+            patches=PAPER_PATCHES,
+            scaling=PAPER_SCALING,
+            preset="paper",
+            optim=OptimConfig(epochs=100, lr=1e-4, warmup_epochs=5),
+        ),
+        "finetune": FinetuneConfig(
+            model=PAPER_MODEL,
+            patches=PAPER_PATCHES,
+            scaling=PAPER_SCALING,
+            preset="paper",
+            optim=OptimConfig(epochs=200, lr=1e-4, warmup_epochs=5),
+            min_patches_per_epoch=32,
+        ),
+    },
+}
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Rebuild ``cls`` from a (nested) dict, naming any unknown key with its path."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    values = {}
+    for name, value in data.items():
+        sub = _dataclass_type(known[name])
+        if sub is not None and isinstance(value, dict):
+            values[name] = from_dict(sub, value, f"{where}.{name}")
+        else:
+            values[name] = tuple(value) if isinstance(value, list) else value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "views": ViewConfig,
+    "corruptions": CorruptionConfig,
+    "patches": PatchConfig,
+    "optim": OptimConfig,
+    "scaling": ScalingSettings,
+}
+
+
+def _dataclass_type(f: dataclasses.Field):
+    return _SECTION_TYPES.get(f.name)
+
+
+def merge(config, overrides: dict, where: str = ""):
+    """``config`` with a nested dict of overrides applied (unknown keys refused)."""
+    base = to_dict(config)
+
+    def deep(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = deep(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+        return out
+
+    return from_dict(type(config), deep(base, overrides), where or type(config).__name__)
+
+
+def load_config(
+    stage: str,
+    preset: str = "cpu-tiny",
+    path: str | os.PathLike | None = None,
+    overrides: dict | None = None,
+):
+    """The preset of a stage ("pretrain" | "finetune"), with a YAML file and overrides applied."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    config = PRESETS[preset][stage]
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"{path}: cannot read the config file: {err}") from None
+        config = merge(config, data, str(path))
+    if overrides:
+        config = merge(config, overrides)
+    return config

@@ -1,0 +1,128 @@
+"""Pieces both training stages share: optimiser and schedule, autocast, the checkpoint state
+(model, optimiser, scheduler, AMP scaler, epoch/step, RNG), the CPU budget, run names."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mixcl_ray.models import unwrap
+from mixcl_ray.train_config import OptimConfig, ScalingSettings
+
+STATE_FILE = "state.pt"
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def build_scheduler(
+    optimizer, optim: OptimConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_epochs``, then cosine decay to 0 at the last step."""
+    total = max(1, optim.epochs * steps_per_epoch)
+    warmup = int(optim.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16/fp16 autocast on GPU; fp32 on CPU."""
+    if device.type != "cuda" or amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == "fp16")
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(
+        tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+def training_state(
+    model, optimizer, scheduler, scaler, epoch: int, step: int, generator=None, extra=None
+) -> dict:
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "rng": rng_state(generator),
+        "extra": extra or {},
+    }
+
+
+def restore_state(
+    state: dict, model, optimizer, scheduler, scaler, generator=None
+) -> tuple[int, int]:
+    """Load a ``training_state``; return (next epoch, global step)."""
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"], generator)
+    return state["epoch"] + 1, state["step"]
+
+
+def save_checkpoint_dir(state: dict, extra_files: dict | None = None) -> str:
+    """Write the state (and extra files: name -> callable(path)) into a new temporary folder."""
+    folder = tempfile.mkdtemp(prefix="mixcl-ckpt-")
+    torch.save(state, Path(folder) / STATE_FILE)
+    for name, write in (extra_files or {}).items():
+        write(Path(folder) / name)
+    return folder
+
+
+def load_checkpoint_state(folder) -> dict:
+    # weights_only: checkpoints hold tensors, numbers, strings and tuples only
+    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def cpus_per_worker(scaling: ScalingSettings, cluster_cpus: float) -> float:
+    """CPUs each Train worker reserves. On CPU, the workers share half of the cluster's CPUs
+    and Ray Data keeps the other half, so that neither deadlocks nor idles (RAY_NOTES: two
+    1-CPU workers on a 2-CPU machine starve Ray Data and hang)."""
+    if scaling.cpus_per_worker is not None:
+        return scaling.cpus_per_worker
+    if scaling.use_gpu:
+        return 1.0
+    return max(0.25, min(4.0, math.floor(4 * cluster_cpus / 2 / scaling.workers) / 4))
+
+
+def run_name(stage: str, config: dict, data_fingerprint: str) -> str:
+    """A name that the same command and data always get, so re-running resumes."""
+    blob = json.dumps({"config": config, "data": data_fingerprint}, sort_keys=True, default=str)
+    return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
