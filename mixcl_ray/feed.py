@@ -179,12 +179,32 @@ def _segmentation_examples(
         p.pos,
         p.neg,
     )
-    flips = rng.random((len(images), 3)) < 0.5  # flips keep the organ's appearance
-    for i, f in enumerate(flips):
-        axes = tuple(np.flatnonzero(f))
-        if axes:
-            images[i], labels[i] = np.flip(images[i], axes), np.flip(labels[i], axes)
+    # no mirroring: left and right tell spleen from liver, and a 32^3 patch sees little else
     return {"image": images[:, None], "label": labels[:, None]}
+
+
+def finetune_case_ids(data_dir, label_fraction: float, source: str | None = None) -> list[str]:
+    """The training cases of a label fraction, exactly as splits.json lists them."""
+    source = target_source(data_dir, source)
+    ids = read_splits(data_dir)["sources"][source]["label_fractions"].get(
+        fraction_key(label_fraction)
+    )
+    if ids is None:
+        raise ValueError(
+            f"label fraction {label_fraction} is not in splits.json; prepare with --label-fractions"
+        )
+    return ids
+
+
+def finetune_cases(data_dir, config: dict):
+    """Ray Dataset of the label-fraction cases, labels in the target's class indices."""
+    from mixcl_ray.train_config import FinetuneConfig, from_dict
+
+    cfg = from_dict(FinetuneConfig, config)
+    source = target_source(data_dir, cfg.source)
+    lut, _ = class_lookup(data_dir, source)
+    ids = finetune_case_ids(data_dir, cfg.label_fraction, source)
+    return read_cases(data_dir, case_ids=ids).map(partial(_finetune_case, lut=lut))
 
 
 def build_finetune_dataset(data_dir, config: dict, epoch_offset: int = 0):
@@ -192,18 +212,10 @@ def build_finetune_dataset(data_dir, config: dict, epoch_offset: int = 0):
     from mixcl_ray.train_config import FinetuneConfig, from_dict, to_dict
 
     cfg = from_dict(FinetuneConfig, config)
-    source = target_source(data_dir, cfg.source)
-    ids = read_splits(data_dir)["sources"][source]["label_fractions"].get(
-        fraction_key(cfg.label_fraction)
-    )
-    if ids is None:
-        raise ValueError(
-            f"label fraction {cfg.label_fraction} is not in splits.json; prepare with --label-fractions"
-        )
-    lut, _ = class_lookup(data_dir, source)
+    ids = finetune_case_ids(data_dir, cfg.label_fraction, cfg.source)
     per_epoch = len(ids) * cfg.patches.patches_per_case
     repeats = max(1, -(-cfg.min_patches_per_epoch // per_epoch))
-    ds = read_cases(data_dir, case_ids=ids).map(partial(_finetune_case, lut=lut))
+    ds = finetune_cases(data_dir, config)
     if cfg.patches.cache_cases:
         ds = ds.materialize()
     return ds.map_batches(

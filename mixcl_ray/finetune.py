@@ -167,8 +167,8 @@ def finetune_loop(loop_config: dict) -> None:
             previous = loop_config.get("_best_copy")
             extra = {}
             if improved:
-                extra[BEST_FILE] = lambda p: torch.save(
-                    {"model": unwrap(model).state_dict(), **best}, p
+                extra[BEST_FILE] = lambda p, b=dict(best): torch.save(
+                    {"model": unwrap(model).state_dict(), **b}, p
                 )
             folder = save_checkpoint_dir(state, extra)
             if not improved:

@@ -30,7 +30,7 @@ def synthetic_benchmark(tmp_path_factory) -> Path:
     from data_prep.synthetic import generate
 
     return generate(
-        tmp_path_factory.mktemp("bench") / "synthetic", seed=3, max_cases=4, progress=False
+        tmp_path_factory.mktemp("bench") / "synthetic", seed=3, max_cases=10, progress=False
     )
 
 

@@ -1,0 +1,206 @@
+"""Ray Train stages on the synthetic benchmark with the real local Ray instance: 2-worker
+pre-training, checkpoints that resume, fine-tuning that loads the encoder and learns."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.reader import read_splits
+from mixcl_ray.evaluate import dice_per_class, nan_mean
+from mixcl_ray.feed import finetune_case_ids, finetune_cases, pretraining_cases
+from mixcl_ray.finetune import run_finetuning
+from mixcl_ray.models import MixCLModel, SegmentationNet, load_pretrained
+from mixcl_ray.pretrain import run_pretraining
+from mixcl_ray.train_config import FinetuneConfig, load_config, to_dict
+from mixcl_ray.train_utils import load_checkpoint_state
+
+pytestmark = pytest.mark.slow
+QUICK = {"optim": {"epochs": 1}, "patches": {"patches_per_case": 2, "batch_size": 2}}
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_session, prepared_benchmark, tmp_path_factory):
+    config = load_config("pretrain", overrides=QUICK)
+    return run_pretraining(
+        prepared_benchmark, tmp_path_factory.mktemp("store"), config, name="two-workers"
+    )
+
+
+def test_two_worker_pretraining_reports_every_term_and_checkpoints(pretrained):
+    m = pretrained.metrics
+    for key in (
+        "train/loss",
+        "train/loss_identity",
+        "train/loss_label",
+        "train/loss_reconstruction",
+        "train/patches_per_s",
+        "train/data_wait_share",
+    ):
+        assert key in m and np.isfinite(m[key]), key
+    assert m["train/loss_label"] > 0 and 0 <= m["train/data_wait_share"] < 1
+    assert (pretrained.checkpoint / "state.pt").exists() and pretrained.pretrained.exists()
+    assert [h["epoch"] for h in pretrained.history] == [0]
+
+
+def test_pretraining_never_sees_target_labels_or_held_out_cases(prepared_benchmark):
+    splits = read_splits(prepared_benchmark)
+    ids, labelled = pretraining_cases(prepared_benchmark, 1.0, target_images=True)
+    target = "Task09_SynthSpleen"
+    assert not set(ids) & (set(splits["val"]) | set(splits["test"]))
+    assert not any(i.startswith(target) for i in labelled)
+    assert set(splits["sources"][target]["train"]) <= set(ids)
+    assert set(splits["unlabelled"]) <= set(ids) and not set(splits["unlabelled"]) & labelled
+    _, half = pretraining_cases(prepared_benchmark, 0.5, target_images=False)
+    assert half < labelled
+
+
+def _opt_steps(state):
+    """Adam's largest per-parameter step count (heads without a gradient in a step skip it)."""
+    return max(int(s["step"]) for s in state["optimizer"]["state"].values())
+
+
+def test_interrupted_pretraining_resumes_with_its_optimizer_state(
+    ray_session, prepared_benchmark, tmp_path
+):
+    config = load_config(
+        "pretrain",
+        overrides={**QUICK, "optim": {"epochs": 2}, "scaling": {"workers": 1, "max_failures": 0}},
+    )
+    with pytest.raises(Exception, match="injected failure"):
+        run_pretraining(prepared_benchmark, tmp_path, config, name="resume", fail_after_epoch=0)
+    first = load_checkpoint_state(tmp_path / "resume/epoch_0000")
+    assert first["epoch"] == 0 and not (tmp_path / "resume/epoch_0001").exists()
+    result = run_pretraining(
+        prepared_benchmark, tmp_path, config, name="resume"
+    )  # the same command again
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    second = load_checkpoint_state(result.checkpoint)
+    steps = first["step"]
+    assert second["step"] == 2 * steps
+    # the optimiser went on from the state it had (Adam's step count), not from scratch
+    assert _opt_steps(first) == steps and _opt_steps(second) == 2 * steps
+    assert not torch.equal(
+        first["model"]["global_head.mlp.0.weight"], second["model"]["global_head.mlp.0.weight"]
+    )
+
+
+def test_worker_failure_is_retried_from_the_last_checkpoint(
+    ray_session, prepared_benchmark, tmp_path
+):
+    config = load_config(
+        "pretrain",
+        overrides={**QUICK, "optim": {"epochs": 2}, "scaling": {"workers": 1, "max_failures": 1}},
+    )
+    result = run_pretraining(prepared_benchmark, tmp_path, config, name="retry", fail_after_epoch=0)
+    assert [h["epoch"] for h in result.history] == [0, 1]
+
+
+def test_label_fraction_subset_equals_splits(ray_session, prepared_benchmark):
+    splits = read_splits(prepared_benchmark)["sources"]["Task09_SynthSpleen"]["label_fractions"]
+    config = to_dict(FinetuneConfig(label_fraction=0.5))
+    rows = finetune_cases(prepared_benchmark, config).take_all()
+    assert (
+        sorted(r["case_id"] for r in rows)
+        == splits["0.5"]
+        == finetune_case_ids(prepared_benchmark, 0.5)
+    )
+    assert all(set(np.unique(r["label"])) <= {0, 1} for r in rows)  # target class indices
+
+
+def test_finetuning_loads_the_encoder_and_learns(
+    ray_session, prepared_benchmark, pretrained, tmp_path
+):
+    config = load_config(
+        "finetune",
+        overrides={
+            "label_fraction": 1.0,
+            "optim": {"epochs": 10},
+            "min_patches_per_epoch": 128,
+            "patches": {"batch_size": 4},
+        },
+    )
+    seg = SegmentationNet(config.model, 2)
+    report = load_pretrained(seg, pretrained.pretrained)
+    source = MixCLModel(config.model)
+    source.load_state_dict(load_checkpoint_state(pretrained.checkpoint)["model"])
+    for k, v in source.backbone.encoder.state_dict().items():
+        assert torch.equal(v, seg.backbone.encoder.state_dict()[k])
+    result = run_finetuning(prepared_benchmark, tmp_path, config, pretrained=pretrained.checkpoint)
+    assert result.load_summary == report.summary() and "missing" not in result.load_summary
+    m = result.metrics
+    assert m["pretrained/loaded_tensors"] == len(report.loaded)
+    assert "val/dice/spleen" in m and m["val/dice_mean"] == pytest.approx(m["val/dice/spleen"])
+    # Threshold established on this benchmark (6 training and 2 validation spleen cases, 10
+    # epochs of 128 patches, 2 workers): the first epoch scores 0.02-0.04, the last about 0.21.
+    assert m["val/best_dice_mean"] > 0.1, [h.get("val/dice_mean") for h in result.history]
+    assert result.best_model.exists()
+    best = torch.load(result.best_model, weights_only=True)
+    assert best["dice"] == pytest.approx(m["val/best_dice_mean"])
+
+
+def test_finetune_cli_from_scratch(prepared_benchmark, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mixcl_ray.finetune",
+            "--data",
+            str(prepared_benchmark),
+            "--label-fraction",
+            "0.5",
+            "--epochs",
+            "1",
+            "--workers",
+            "1",
+            "--storage",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fine-tuning finetune-" in proc.stdout and "best validation Dice" in proc.stdout
+
+
+def test_cli_rejects_unknown_config_keys(prepared_benchmark, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  epoch: 3\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mixcl_ray.pretrain",
+            "--data",
+            str(prepared_benchmark),
+            "--storage",
+            str(tmp_path),
+            "--config",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown keys ['epoch']" in proc.stderr and "bad.yaml" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "pred, true, expected",
+    [
+        ([1, 1, 0, 0], [1, 0, 0, 0], [2 / 3, float("nan")]),
+        ([0, 0, 0, 0], [0, 0, 0, 0], [float("nan"), float("nan")]),  # nothing to score
+        ([2, 0, 0, 0], [0, 0, 0, 0], [float("nan"), 0.0]),  # false positive on an absent organ
+        ([1, 2, 1, 2], [1, 2, 1, 2], [1.0, 1.0]),
+    ],
+)
+def test_dice_known_values(pred, true, expected):
+    p = torch.tensor(pred).reshape(1, 1, 4, 1, 1)
+    t = torch.tensor(true).reshape(1, 1, 4, 1, 1)
+    got = dice_per_class(p, t, 3)[0].tolist()
+    assert np.allclose(got, expected, equal_nan=True)
+    assert nan_mean([float("nan"), 0.5, 1.0]) == pytest.approx(0.75)
