@@ -110,35 +110,40 @@ def test_label_fraction_subset_equals_splits(ray_session, prepared_benchmark):
     assert all(set(np.unique(r["label"])) <= {0, 1} for r in rows)  # target class indices
 
 
-def test_finetuning_loads_the_encoder_and_learns(
-    ray_session, prepared_benchmark, pretrained, tmp_path
-):
+def test_finetuning_loads_the_encoder(ray_session, prepared_benchmark, pretrained, tmp_path):
     config = load_config(
         "finetune",
-        overrides={
-            "label_fraction": 1.0,
-            "optim": {"epochs": 10},
-            "min_patches_per_epoch": 128,
-            "patches": {"batch_size": 4},
-        },
+        overrides={"label_fraction": 0.5, "optim": {"epochs": 1}, "scaling": {"workers": 1}},
     )
     seg = SegmentationNet(config.model, 2)
     report = load_pretrained(seg, pretrained.pretrained)
     source = MixCLModel(config.model)
     source.load_state_dict(load_checkpoint_state(pretrained.checkpoint)["model"])
-    for k, v in source.backbone.encoder.state_dict().items():
-        assert torch.equal(v, seg.backbone.encoder.state_dict()[k])
+    for part in ("encoder", "decoder"):
+        theirs = getattr(seg.backbone, part).state_dict()
+        for k, v in getattr(source.backbone, part).state_dict().items():
+            assert torch.equal(v, theirs[k]), k
     result = run_finetuning(prepared_benchmark, tmp_path, config, pretrained=pretrained.checkpoint)
     assert result.load_summary == report.summary() and "missing" not in result.load_summary
     m = result.metrics
-    assert m["pretrained/loaded_tensors"] == len(report.loaded)
+    assert m["pretrained/loaded_tensors"] == len(report.loaded) == 80
     assert "val/dice/spleen" in m and m["val/dice_mean"] == pytest.approx(m["val/dice/spleen"])
-    # Threshold established on this benchmark (6 training and 2 validation spleen cases, 10
-    # epochs of 128 patches, 2 workers): the first epoch scores 0.02-0.04, the last about 0.21.
-    assert m["val/best_dice_mean"] > 0.1, [h.get("val/dice_mean") for h in result.history]
     assert result.best_model.exists()
     best = torch.load(result.best_model, weights_only=True)
-    assert best["dice"] == pytest.approx(m["val/best_dice_mean"])
+    assert best["dice"] == pytest.approx(m["val/best_dice_mean"]) and best["epoch"] == 0
+
+
+def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_path):
+    config = load_config(
+        "finetune",
+        overrides={"label_fraction": 1.0, "optim": {"epochs": 10}, "min_patches_per_epoch": 128},
+    )
+    result = run_finetuning(prepared_benchmark, tmp_path, config)
+    dice = [h["val/dice_mean"] for h in result.history]
+    # Threshold established on this benchmark (6 training and 2 validation spleen cases, 10
+    # epochs of 128 patches, 2 workers, from scratch): the first epoch scores 0.02-0.04.
+    assert result.metrics["val/best_dice_mean"] > 0.1, dice
+    assert max(dice) == pytest.approx(result.metrics["val/best_dice_mean"])
 
 
 def test_finetune_cli_from_scratch(prepared_benchmark, tmp_path):
