@@ -239,6 +239,11 @@ def init_ray(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    from ray.data import DataContext
+
+    context = DataContext.get_current()  # the stages report their own progress per epoch
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 

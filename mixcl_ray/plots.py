@@ -1,0 +1,66 @@
+"""Figures people would rather look at than read: segmentation overlays, label-efficiency plot."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def overlay_png(
+    image: np.ndarray,
+    truth: np.ndarray,
+    prediction: np.ndarray,
+    path: str | os.PathLike,
+    title: str = "",
+) -> None:
+    """Image / ground truth / prediction on the axial slice through the largest organ area.
+    image, truth, prediction: (X, Y, Z)."""
+    plt = _pyplot()
+    area = (truth > 0).sum(axis=(0, 1)) + (prediction > 0).sum(axis=(0, 1))
+    z = int(np.argmax(area))
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    for ax, (name, mask) in zip(
+        axes, (("image", None), ("ground truth", truth), ("prediction", prediction)), strict=True
+    ):
+        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower")
+        if mask is not None:
+            shown = np.ma.masked_where(mask[:, :, z].T == 0, mask[:, :, z].T)
+            ax.imshow(shown, cmap="autumn", alpha=0.5, origin="lower", interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(f"{title} (slice z={z})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def label_efficiency_png(summary: dict, path: str | os.PathLike, metric_name: str) -> None:
+    """summary: {method: {label_fraction: (mean, std, n)}} -> Dice against label fraction."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, by_fraction in sorted(summary.items()):
+        fractions = sorted(by_fraction)
+        means = [by_fraction[f][0] for f in fractions]
+        stds = [by_fraction[f][1] for f in fractions]
+        ax.errorbar(
+            [100 * f for f in fractions], means, yerr=stds, marker="o", capsize=3, label=method
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training cases of the target (%)")
+    ax.set_ylabel(metric_name)
+    ax.set_title("label efficiency (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

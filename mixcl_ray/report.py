@@ -1,0 +1,151 @@
+"""``python -m mixcl_ray.report``: the method x label-fraction table and the label-efficiency plot,
+read from MLflow (the trial runs of a sweep), saved to files and logged to the sweep's run.
+
+The figures are test-split Dice (``test/dice_mean``), which no choice in the sweep has seen;
+mean ± std over seeds, and the gain over scratch at the same label fraction. A gain smaller
+than the spread is marked as no difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mixcl_ray import tracking
+
+REPORT_METRIC = "test/dice_mean"
+
+
+def collect(
+    uri: str, experiment: str, parent_id: str | None = None
+) -> tuple[list[dict], str | None]:
+    """Finished trial runs of the sweep (the latest sweep of the experiment by default)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment named {experiment!r} at {tracking.safe_uri(uri)}")
+    if parent_id is None:
+        parents = client.search_runs(
+            [exp.experiment_id],
+            filter_string="tags.`mixcl.stage` = 'sweep'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not parents:
+            raise ValueError(f"experiment {experiment!r} has no sweep run")
+        parent_id = parents[0].info.run_id
+    rows = []
+    for run in tracking.child_runs(uri, exp.experiment_id, parent_id):
+        if run.data.tags.get("mixcl.stage") != "trial" or run.info.status != "FINISHED":
+            continue
+        p, m = run.data.params, run.data.metrics
+        if REPORT_METRIC not in m:
+            continue
+        rows.append(
+            {
+                "method": p["method"],
+                "label_fraction": float(p["label_fraction"]),
+                "seed": p.get("seed"),
+                "test": m[REPORT_METRIC],
+                "val": m.get("val/best_dice_mean", float("nan")),
+                "run_id": run.info.run_id,
+            }
+        )
+    return rows, parent_id
+
+
+def summarise(rows: list[dict], key: str = "test") -> dict:
+    """{method: {label_fraction: (mean, std, n)}} over seeds (std with ddof=0 for n = 1)."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(row["method"], {}).setdefault(row["label_fraction"], []).append(row[key])
+    return {
+        m: {f: (float(np.mean(v)), float(np.std(v)), len(v)) for f, v in by.items()}
+        for m, by in groups.items()
+    }
+
+
+def render_table(summary: dict) -> str:
+    fractions = sorted({f for by in summary.values() for f in by})
+    header = "| method | " + " | ".join(f"{100 * f:g} % labels" for f in fractions) + " |"
+    lines = [
+        "Test-split Dice (mean ± std over seeds, n runs); in brackets the gain over scratch.",
+        "",
+        header,
+        "|" + "---|" * (len(fractions) + 1),
+    ]
+    scratch = summary.get("scratch", {})
+    for method in sorted(summary, key=lambda m: (m != "scratch", m)):
+        cells = []
+        for f in fractions:
+            if f not in summary[method]:
+                cells.append("-")
+                continue
+            mean, std, n = summary[method][f]
+            cell = f"{mean:.3f} ± {std:.3f} (n={n})"
+            if method != "scratch" and f in scratch:
+                gain = mean - scratch[f][0]
+                spread = max(std, scratch[f][1])
+                cell += f" [{gain:+.3f}{', within spread' if abs(gain) <= spread and spread > 0 else ''}]"
+            cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def make_report(
+    uri: str, experiment: str, out_dir: str | Path, parent_id: str | None = None
+) -> tuple[str, Path]:
+    from mixcl_ray.plots import label_efficiency_png
+
+    rows, parent_id = collect(uri, experiment, parent_id)
+    if not rows:
+        raise ValueError(
+            f"no finished trial with {REPORT_METRIC} in the latest sweep of {experiment!r}"
+        )
+    summary = summarise(rows)
+    text = render_table(summary)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(text + "\n")
+    plot = out_dir / "label_efficiency.png"
+    label_efficiency_png(summary, plot, "test Dice (mean over organs)")
+    for path in (out_dir / "report.md", plot):
+        tracking.log_artifact(uri, parent_id, path, "report")
+    return text, plot
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mixcl_ray.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--experiment", default="mixcl_ray-demo")
+    parser.add_argument(
+        "--runs", type=Path, default=Path("runs"), help="where the local MLflow store lives"
+    )
+    parser.add_argument(
+        "--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<runs>/mlflow.db"
+    )
+    parser.add_argument("--out", type=Path, help="folder for report.md and label_efficiency.png")
+    args = parser.parse_args(argv)
+    uri = args.tracking_uri or tracking.default_tracking_uri(args.runs)
+    try:
+        text, plot = make_report(
+            uri, args.experiment, args.out or args.runs / "report" / args.experiment
+        )
+    except (ValueError, ConnectionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"\nplot: {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Search-space files (``tune_spaces/*.yaml``): loading, validation, and Ray Tune spaces.
+
+A space file names the data, the preset, fixed overrides of each stage, the resources per
+trial, the scheduler and search algorithm, and the searched dimensions. Dimensions use one
+flat vocabulary (the same names are MLflow params): method, l_id, l_label, l_rec,
+temperature_id, temperature_label, pretrain_label_fraction, label_fraction, seed, lr,
+pretrain_lr. Each is a constant or one of {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]},
+{loguniform: [lo, hi]}, {randint: [lo, hi]}.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mixcl_ray.config import METHODS
+
+DIMENSIONS = {
+    "method": str,
+    "l_id": float,
+    "l_label": float,
+    "l_rec": float,
+    "temperature_id": float,
+    "temperature_label": float,
+    "pretrain_label_fraction": float,
+    "label_fraction": float,
+    "seed": int,
+    "lr": float,
+    "pretrain_lr": float,
+}
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+TOP_KEYS = {
+    "description",
+    "data",
+    "preset",
+    "experiment",
+    "metric",
+    "mode",
+    "num_samples",
+    "scheduler",
+    "search",
+    "resources",
+    "pretrain",
+    "finetune",
+    "space",
+}
+SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    space: dict
+    data: str | None = None
+    preset: str = "cpu-tiny"
+    experiment: str = "mixcl_ray"
+    metric: str = "val/dice_mean"
+    mode: str = "max"
+    num_samples: int = 1
+    scheduler: dict = field(
+        default_factory=lambda: {"type": "asha", "grace_period": 2, "reduction_factor": 2}
+    )
+    search: str = "basic"  # basic (grid + random) | optuna
+    resources: dict = field(
+        default_factory=lambda: {"workers": 2, "gpus_per_worker": 0, "max_concurrent_trials": 1}
+    )
+    pretrain: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)
+    description: str = ""
+
+
+class SpaceError(ValueError):
+    pass
+
+
+def _check_dimension(path: str, name: str, value) -> None:
+    if name not in DIMENSIONS:
+        raise SpaceError(f"{path}: unknown dimension {name!r}; known: {sorted(DIMENSIONS)}")
+    kind = DIMENSIONS[name]
+    if isinstance(value, dict):
+        if len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
+            raise SpaceError(
+                f"{path}: {name}: a distribution is one of {list(DISTRIBUTIONS)}, got {value}"
+            )
+        dist, args = next(iter(value.items()))
+        if dist in ("grid", "choice"):
+            if not isinstance(args, list) or not args:
+                raise SpaceError(f"{path}: {name}: {dist} needs a non-empty list, got {args!r}")
+            values = args
+        else:
+            if (
+                not isinstance(args, list)
+                or len(args) != 2
+                or not all(isinstance(a, int | float) for a in args)
+            ):
+                raise SpaceError(f"{path}: {name}: {dist} needs [low, high], got {args!r}")
+            if args[0] >= args[1] or (dist == "loguniform" and args[0] <= 0):
+                raise SpaceError(
+                    f"{path}: {name}: {dist} bounds {args} must satisfy 0 < low < high"
+                    if dist == "loguniform"
+                    else f"{path}: {name}: {dist} bounds {args} must satisfy low < high"
+                )
+            values = args
+    else:
+        values = [value]
+    for v in values:
+        if kind is str and name == "method" and v not in METHODS:
+            raise SpaceError(f"{path}: method {v!r} is not one of {sorted(METHODS)}")
+        if kind in (float, int) and not isinstance(v, int | float):
+            raise SpaceError(f"{path}: {name}: {v!r} is not a number")
+        if name in ("label_fraction", "pretrain_label_fraction") and not 0 <= v <= 1:
+            raise SpaceError(f"{path}: {name}: {v} is not in [0, 1]")
+
+
+def load_space(path: str | os.PathLike) -> SweepSpec:
+    """Read and validate a space file; errors name the file and the key."""
+    path = Path(path)
+    if not path.exists() and (SPACES_DIR / f"{path}.yaml").exists():
+        path = SPACES_DIR / f"{path}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise SpaceError(f"cannot read space file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise SpaceError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise SpaceError(f"{path}: a space file is a mapping")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise SpaceError(f"{path}: unknown keys {unknown}; known: {sorted(TOP_KEYS)}")
+    space = data.get("space") or {}
+    if not isinstance(space, dict) or not space:
+        raise SpaceError(f"{path}: 'space' must map dimensions to values or distributions")
+    for name, value in space.items():
+        _check_dimension(str(path), name, value)
+    if data.get("mode", "max") not in ("max", "min"):
+        raise SpaceError(f"{path}: mode must be max or min")
+    if data.get("search", "basic") not in ("basic", "optuna"):
+        raise SpaceError(f"{path}: search must be basic or optuna")
+    sched = data.get("scheduler", {"type": "asha"})
+    if not isinstance(sched, dict) or sched.get("type") not in ("asha", "none"):
+        raise SpaceError(f"{path}: scheduler.type must be asha or none")
+    resources = {
+        "workers": 2,
+        "gpus_per_worker": 0,
+        "max_concurrent_trials": 1,
+        **(data.get("resources") or {}),
+    }
+    bad = sorted(set(resources) - {"workers", "gpus_per_worker", "max_concurrent_trials"})
+    if bad:
+        raise SpaceError(f"{path}: resources: unknown keys {bad}")
+    fields = {k: v for k, v in data.items() if k not in ("space", "resources")}
+    spec = SweepSpec(name=path.stem, space=space, resources=resources, **fields)
+    _check_stage_overrides(spec, path)
+    return spec
+
+
+def _check_stage_overrides(spec: SweepSpec, path: Path) -> None:
+    from mixcl_ray.train_config import load_config
+
+    for stage in ("pretrain", "finetune"):
+        try:
+            load_config(stage, spec.preset, overrides=getattr(spec, stage) or None)
+        except ValueError as err:
+            raise SpaceError(f"{path}: {stage}: {err}") from None
+
+
+def to_tune_space(space: dict, search: str) -> dict:
+    """The Ray Tune param_space of a validated space."""
+    from ray import tune
+
+    out = {}
+    for name, value in space.items():
+        if not isinstance(value, dict):
+            out[name] = value
+            continue
+        dist, args = next(iter(value.items()))
+        if dist == "grid" and search == "optuna":
+            dist = "choice"  # Optuna samples; it cannot expand grids
+        out[name] = (
+            {"grid": tune.grid_search, "choice": tune.choice}.get(dist, None)(args)
+            if dist in ("grid", "choice")
+            else {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[
+                dist
+            ](*args)
+        )
+    return out

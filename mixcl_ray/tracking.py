@@ -1,0 +1,170 @@
+"""MLflow tracking: the only module that knows MLflow. The stages call it, never the reverse.
+
+Local store by default: ``sqlite:///<runs>/mlflow.db`` with artifacts under ``<runs>/mlartifacts``;
+``MLFLOW_TRACKING_URI`` (or ``--tracking-uri``) points it at a server. One parent run per
+sweep; one child run per trial (tag ``mlflow.parentRunId``), and one per pre-training that a
+sweep actually trains. Per-epoch metrics go live from the Ray Train controller through
+``EpochMetricsCallback`` (rank 0's metrics, step = epoch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+PARENT_TAG = "mlflow.parentRunId"
+SECRET_WORDS = ("password", "secret", "token", "key", "credential")
+
+
+def default_tracking_uri(runs_dir: str | os.PathLike) -> str:
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path(runs_dir).absolute() / 'mlflow.db'}"
+    )
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before any compute when the tracking server cannot be reached."""
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as err:  # MLflow raises several types for an unreachable server
+        raise ConnectionError(
+            f"MLflow tracking at {safe_uri(uri)} is not reachable: {type(err).__name__}: "
+            f"{str(err)[:200]}"
+        ) from None
+
+
+def safe_uri(uri: str) -> str:
+    """The URI without user:password."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def ensure_experiment(uri: str, name: str, artifact_root: str | os.PathLike | None = None) -> str:
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if artifact_root is not None and uri.startswith("sqlite:"):
+        location = (Path(artifact_root).absolute() / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def flat_params(params: dict) -> dict[str, str]:
+    """MLflow params: flat, stringified, nothing that looks secret."""
+    out = {}
+    for key, value in params.items():
+        if any(word in key.lower() for word in SECRET_WORDS) and "label" not in key.lower():
+            continue
+        out[key] = str(value)[:500]
+    return out
+
+
+def start_run(
+    uri: str,
+    experiment_id: str,
+    name: str,
+    tags: dict,
+    params: dict | None = None,
+    parent_id: str | None = None,
+    reuse_tag: tuple[str, str] | None = None,
+) -> str:
+    """Create a run, or reuse the one carrying ``reuse_tag`` (so retries and resumes never
+    duplicate runs). Returns its id."""
+    client = _client(uri)
+    if reuse_tag is not None:
+        key, value = reuse_tag
+        query = f"tags.`{key}` = '{value}'"
+        if parent_id:
+            query += f" and tags.`{PARENT_TAG}` = '{parent_id}'"
+        found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+    all_tags = dict(tags)
+    if parent_id:
+        all_tags[PARENT_TAG] = parent_id
+    if reuse_tag is not None:
+        all_tags[reuse_tag[0]] = reuse_tag[1]
+    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    if params:
+        log_params(uri, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    existing = client.get_run(run_id).data.params
+    new = [Param(k, v) for k, v in flat_params(params).items() if k not in existing]
+    if new:
+        client.log_batch(run_id, params=new)
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
+    if batch:
+        _client(uri).log_batch(run_id, metrics=batch)
+
+
+def log_artifact(uri: str, run_id: str, path: str | os.PathLike, folder: str | None = None) -> None:
+    _client(uri).log_artifact(run_id, str(path), folder)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def set_tags(uri: str, run_id: str, tags: dict) -> None:
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def child_runs(uri: str, experiment_id: str, parent_id: str) -> list:
+    return _client(uri).search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000
+    )
+
+
+def _train_callback_base():
+    from ray.train.v2.api.callback import UserCallback
+
+    return UserCallback
+
+
+class EpochMetricsCallback(_train_callback_base()):
+    """Ray Train callback (runs in the controller): rank 0's metrics to MLflow every epoch."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics, checkpoint):
+        m = metrics[0]
+        log_metrics(
+            self.uri,
+            self.run_id,
+            {k: v for k, v in m.items() if k not in ("epoch", "step")},
+            step=int(m.get("epoch", 0)),
+        )

@@ -1,0 +1,259 @@
+"""One sweep trial: (cached) pre-training, then fine-tuning at the trial's label fraction, then
+the test-split score and overlays, all recorded in the trial's MLflow run.
+
+Runs inside a Ray Tune function trainable; launches Ray Train work for each stage. A
+pre-trained checkpoint is shared by every trial with the same pre-training config and data
+(keyed by a hash of both): the first trial trains it under a file lock, the others reuse it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mixcl_ray import tracking
+from mixcl_ray.config import METHODS
+
+DONE = "DONE.json"
+
+
+def pretrain_overrides(sample: dict, fixed: dict) -> dict | None:
+    """Stage overrides of the pre-training a sample asks for (None for scratch)."""
+    weights = METHODS[sample.get("method", "mixcl")]
+    if weights is None:
+        return None
+    loss = {"l_id": weights[0], "l_label": weights[1], "l_rec": weights[2]}
+    for key in ("l_id", "l_label", "l_rec", "temperature_id", "temperature_label"):
+        if key in sample:
+            loss[key] = sample[key]
+    over = _deep(fixed, {"loss": loss, "optim": {"seed": int(sample.get("seed", 0))}})
+    if "pretrain_lr" in sample:
+        over = _deep(over, {"optim": {"lr": sample["pretrain_lr"]}})
+    if "pretrain_label_fraction" in sample:
+        over["pretrain_label_fraction"] = sample["pretrain_label_fraction"]
+    return over
+
+
+def finetune_overrides(sample: dict, fixed: dict) -> dict:
+    over = _deep(
+        fixed,
+        {
+            "label_fraction": sample.get("label_fraction", 1.0),
+            "optim": {"seed": int(sample.get("seed", 0))},
+        },
+    )
+    if "lr" in sample:
+        over = _deep(over, {"optim": {"lr": sample["lr"]}})
+    return over
+
+
+def _deep(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+    return out
+
+
+def trial_params(sample: dict, pre_cfg, ft_cfg, ctx: dict) -> dict:
+    """The flat param vocabulary every trial run carries."""
+    loss = pre_cfg.loss if pre_cfg is not None else None
+    return {
+        "method": sample.get("method", "mixcl"),
+        "l_id": loss.l_id if loss else 0.0,
+        "l_label": loss.l_label if loss else 0.0,
+        "l_rec": loss.l_rec if loss else 0.0,
+        "temperature_id": loss.temperature_id if loss else "",
+        "temperature_label": loss.temperature_label if loss else "",
+        "pretrain_label_fraction": pre_cfg.pretrain_label_fraction if pre_cfg else "",
+        "label_fraction": ft_cfg.label_fraction,
+        "seed": ft_cfg.optim.seed,
+        "lr": ft_cfg.optim.lr,
+        "pretrain_epochs": pre_cfg.optim.epochs if pre_cfg else 0,
+        "finetune_epochs": ft_cfg.optim.epochs,
+        "preset": ctx["preset"],
+        "data_fingerprint": ctx["fingerprint"][:16],
+        "workers": ft_cfg.scaling.workers,
+    }
+
+
+def cached_pretraining(pre_cfg, ctx: dict) -> tuple[Path, str, bool]:
+    """(pretrained.pt, cache key, reused?) for a pre-training config; trains it once."""
+    from mixcl_ray.pretrain import run_pretraining
+    from mixcl_ray.train_config import to_dict
+    from mixcl_ray.train_utils import run_name
+
+    key = run_name("pretrain", to_dict(pre_cfg), ctx["fingerprint"])
+    cache = Path(ctx["storage"]) / "pretrain_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent trial with the same key waits here
+        done = cache / key / DONE
+        if done.exists():
+            return Path(json.loads(done.read_text())["pretrained"]), key, True
+        run_id = tracking.start_run(
+            ctx["uri"],
+            ctx["experiment_id"],
+            f"pretrain {key}",
+            {"mixcl.stage": "pretrain"},
+            {
+                "cache_key": key,
+                "preset": ctx["preset"],
+                "data_fingerprint": ctx["fingerprint"][:16],
+                **{f"{k}": v for k, v in to_dict(pre_cfg.loss).items()},
+                "epochs": pre_cfg.optim.epochs,
+            },
+            parent_id=ctx["parent_id"],
+            reuse_tag=("mixcl.pretrain_key", key),
+        )
+        result = run_pretraining(
+            ctx["data"],
+            cache,
+            pre_cfg,
+            name=key,
+            callbacks=[tracking.EpochMetricsCallback(ctx["uri"], run_id)],
+        )
+        tracking.set_tags(ctx["uri"], run_id, {"checkpoint": str(result.checkpoint)})
+        tracking.end_run(ctx["uri"], run_id)
+        done.write_text(
+            json.dumps(
+                {
+                    "pretrained": str(result.pretrained),
+                    "checkpoint": str(result.checkpoint),
+                    "run_id": run_id,
+                }
+            )
+        )
+        return result.pretrained, key, False
+
+
+def test_scores(
+    data_dir, ft_cfg, best_model: Path, out_dir: Path, overlays: int = 3
+) -> tuple[dict, list[Path]]:
+    """Test-split Dice of the best weights (``test/dice_mean``, ``test/dice/<organ>``) and a few
+    overlay PNGs (image / ground truth / prediction)."""
+    import torch
+
+    from data_prep.reader import load_case, read_splits
+    from mixcl_ray.evaluate import nan_mean, predict_volume
+    from mixcl_ray.evaluate import validate_cases as _validate
+    from mixcl_ray.feed import class_lookup, target_source
+    from mixcl_ray.models import SegmentationNet
+    from mixcl_ray.plots import overlay_png
+
+    source = target_source(data_dir, ft_cfg.source)
+    lut, names = class_lookup(data_dir, source)
+    ids = (
+        read_splits(data_dir)["sources"][source]["test"]
+        or read_splits(data_dir)["sources"][source]["val"]
+    )
+    model = SegmentationNet(ft_cfg.model, len(names))
+    model.load_state_dict(torch.load(best_model, map_location="cpu", weights_only=True)["model"])
+    cases = [dict(c, label=lut[c["label"]]) for c in (load_case(data_dir, i) for i in ids)]
+    device = torch.device("cpu")
+    per_case = _validate(
+        model,
+        cases,
+        len(names),
+        ft_cfg.patches.patch_size,
+        device,
+        ft_cfg.sw_batch_size,
+        ft_cfg.sw_overlap,
+    )
+    table = np.stack([per_case[k] for k in sorted(per_case)])
+    per_class = [nan_mean(table[:, c]) for c in range(table.shape[1])]
+    metrics = {
+        "test/dice_mean": nan_mean(per_class),
+        "test/cases": len(cases),
+        **{f"test/dice/{n}": d for n, d in zip(names[1:], per_class, strict=True)},
+    }
+    pngs = []
+    for case in cases[:overlays]:
+        prediction = predict_volume(model, case["image"], ft_cfg.patches.patch_size, device)[
+            0, 0
+        ].numpy()
+        path = out_dir / f"overlay_{case['case_id'].replace('/', '_')}.png"
+        overlay_png(case["image"], case["label"], prediction, path, case["case_id"])
+        pngs.append(path)
+    return metrics, pngs
+
+
+def run_trial(config: dict) -> None:
+    """Ray Tune function trainable: ``config`` holds the sampled dimensions and ``_sweep``."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mixcl_ray.finetune import run_finetuning
+    from mixcl_ray.pretrain import init_ray
+    from mixcl_ray.train_config import load_config, to_dict
+
+    init_ray()
+    ctx = config["_sweep"]
+    sample = {k: v for k, v in config.items() if k != "_sweep"}
+    scaling = {"workers": ctx["workers"], "use_gpu": ctx["gpus_per_worker"] > 0}
+    pre_over = pretrain_overrides(sample, _deep(ctx["pretrain"], {"scaling": scaling}))
+    pre_cfg = (
+        load_config("pretrain", ctx["preset"], overrides=pre_over) if pre_over is not None else None
+    )
+    ft_cfg = load_config(
+        "finetune",
+        ctx["preset"],
+        overrides=finetune_overrides(sample, _deep(ctx["finetune"], {"scaling": scaling})),
+    )
+    params = trial_params(sample, pre_cfg, ft_cfg, ctx)
+    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    uri = ctx["uri"]
+    run_id = tracking.start_run(
+        uri,
+        ctx["experiment_id"],
+        f"{params['method']} {100 * ft_cfg.label_fraction:g}% seed {ft_cfg.optim.seed}",
+        {"mixcl.stage": "trial", "method": params["method"]},
+        params,
+        parent_id=ctx["parent_id"],
+        reuse_tag=("mixcl.trial_key", key),
+    )
+    try:
+        pretrained = None
+        if pre_cfg is not None:
+            pretrained, cache_key, reused = cached_pretraining(pre_cfg, ctx)
+            tracking.log_params(uri, run_id, {"pretrain_cache_key": cache_key})
+            tracking.set_tags(
+                uri, run_id, {"pretrain_reused": reused, "pretrained_weights": pretrained}
+            )
+        result = run_finetuning(
+            ctx["data"],
+            Path(ctx["storage"]) / "finetune",
+            ft_cfg,
+            pretrained=pretrained,
+            name=f"finetune-{key}",
+            callbacks=[TuneReportCallback(), tracking.EpochMetricsCallback(uri, run_id)],
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            metrics, pngs = test_scores(ctx["data"], ft_cfg, result.best_model, tmp)
+            tracking.log_metrics(uri, run_id, metrics, step=ft_cfg.optim.epochs)
+            (tmp / "config.json").write_text(
+                json.dumps(
+                    {
+                        "sample": sample,
+                        "finetune": to_dict(ft_cfg),
+                        "pretrain": to_dict(pre_cfg) if pre_cfg else None,
+                    },
+                    indent=1,
+                )
+            )
+            tracking.log_artifact(uri, run_id, tmp / "config.json")
+            for png in pngs:
+                tracking.log_artifact(uri, run_id, png, "overlays")
+        tracking.set_tags(
+            uri,
+            run_id,
+            {"best_checkpoint": result.best_model, "load_report": result.load_summary or ""},
+        )
+        tracking.end_run(uri, run_id, "FINISHED")
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise

@@ -1,0 +1,248 @@
+"""``python -m mixcl_ray.tune``: a label-efficiency study on Ray Tune, tracked in MLflow.
+
+With no arguments it runs the built-in demo (``tune_spaces/demo.yaml``) on the synthetic
+benchmark, on CPU: the benchmark is generated and prepared on first use into a cache folder,
+every trial pre-trains (or reuses a cached pre-training) and fine-tunes, ASHA stops weak trials
+early, and the end prints the results table and where the plot and the dashboard are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from mixcl_ray import tracking
+from mixcl_ray.spaces import SpaceError, load_space, to_tune_space
+
+DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "demo.yaml"
+
+
+def resolve_data(spec_data: str | None, data: Path | None) -> Path:
+    """--data, else the space's data, else the built-in benchmark prepared into the cache."""
+    from data_prep.cli import DEFAULT_CACHE, default_benchmark
+    from data_prep.prepare import prepare
+
+    chosen = data or (Path(spec_data) if spec_data else None)
+    if chosen is not None:
+        if not (chosen / "manifest.json").exists():
+            raise ValueError(
+                f"{chosen} is not a prepared folder: run `python -m data_prep prepare --out {chosen}` first"
+            )
+        return chosen
+    out = DEFAULT_CACHE / "prepared-small-seed0"
+    print(f"data: the built-in synthetic benchmark, prepared in {out}")
+    prepare([default_benchmark()], out)
+    return out
+
+
+def _sweep_state(storage: Path, space_name: str) -> Path:
+    return storage / "tune" / f"{space_name}.latest.json"
+
+
+def run_sweep(
+    space_path,
+    *,
+    data: Path | None = None,
+    storage: Path = Path("runs"),
+    num_samples: int | None = None,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+):
+    """Run (or resume) a sweep; returns (ray.tune.ResultGrid, report text, plot path, tracking URI)."""
+    import ray
+    from ray import tune
+
+    from data_prep.reader import read_manifest
+    from mixcl_ray.pretrain import init_ray
+    from mixcl_ray.report import make_report
+    from mixcl_ray.trial import run_trial
+
+    spec = load_space(space_path)
+    storage = storage.absolute()
+    storage.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or tracking.default_tracking_uri(storage)
+    tracking.check_reachable(uri)  # before any compute
+    data_dir = resolve_data(spec.data, data).absolute()
+    manifest = read_manifest(data_dir)
+    state_file = _sweep_state(storage, spec.name)
+    if resume:
+        if not state_file.exists():
+            raise ValueError(f"nothing to resume: no earlier sweep of {spec.name} in {storage}")
+        state = json.loads(state_file.read_text())
+    else:
+        state = {"name": f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"}
+    experiment_id = tracking.ensure_experiment(uri, spec.experiment, storage / "mlartifacts")
+    parent_id = tracking.start_run(
+        uri,
+        experiment_id,
+        state["name"],
+        {"mixcl.stage": "sweep", "space": spec.name},
+        {
+            "space": spec.name,
+            "preset": spec.preset,
+            "data_fingerprint": manifest["input_fingerprint"][:16],
+            "metric": spec.metric,
+            "num_samples": num_samples or spec.num_samples,
+            "scheduler": spec.scheduler.get("type"),
+            "search": spec.search,
+        },
+        reuse_tag=("mixcl.sweep", state["name"]),
+    )
+    state["parent_run_id"] = parent_id
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(state))
+    for artifact in (
+        Path(space_path) if Path(space_path).exists() else None,
+        data_dir / "manifest.json",
+        data_dir / "splits.json",
+    ):
+        if artifact is not None:
+            tracking.log_artifact(uri, parent_id, artifact, "sweep")
+
+    init_ray(address)
+    ctx = {
+        "data": str(data_dir),
+        "storage": str(storage),
+        "uri": uri,
+        "experiment_id": experiment_id,
+        "parent_id": parent_id,
+        "preset": spec.preset,
+        "fingerprint": manifest["input_fingerprint"],
+        "pretrain": spec.pretrain,
+        "finetune": spec.finetune,
+        "workers": spec.resources["workers"],
+        "gpus_per_worker": spec.resources["gpus_per_worker"],
+    }
+    param_space = {**to_tune_space(spec.space, spec.search), "_sweep": ctx}
+    scheduler = None
+    if spec.scheduler.get("type") == "asha":
+        from mixcl_ray.train_config import load_config
+
+        epochs = load_config("finetune", spec.preset, overrides=spec.finetune or None).optim.epochs
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="epoch",
+            max_t=epochs,
+            grace_period=spec.scheduler.get("grace_period", 2),
+            reduction_factor=spec.scheduler.get("reduction_factor", 2),
+        )
+    search_alg = None
+    if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch()
+    # the trial driver needs almost no CPU of its own; its Train workers reserve theirs
+    trainable = tune.with_resources(run_trial, {"cpu": 0.01})
+    tune_dir = storage / "tune" / state["name"]
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        tuner = tune.Tuner.restore(
+            str(tune_dir), trainable=trainable, resume_errored=True, param_space=param_space
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=spec.metric,
+                mode=spec.mode,
+                scheduler=scheduler,
+                search_alg=search_alg,
+                num_samples=num_samples or spec.num_samples,
+                max_concurrent_trials=spec.resources["max_concurrent_trials"],
+            ),
+            run_config=tune.RunConfig(
+                name=state["name"], storage_path=str(storage / "tune"), verbose=1
+            ),
+        )
+    results = tuner.fit()
+    experiment = tracking.child_runs(uri, experiment_id, parent_id)
+    for run in experiment:  # trials that ASHA stopped (their actor ended without a word)
+        if run.info.status == "RUNNING":
+            tracking.set_tags(
+                uri, run.info.run_id, {"mixcl.stopped": "early stopped by the scheduler"}
+            )
+            tracking.end_run(uri, run.info.run_id, "KILLED")
+    try:
+        text, plot = make_report(
+            uri, spec.experiment, storage / "report" / state["name"], parent_id
+        )
+    except ValueError as err:
+        text, plot = f"no report: {err}", None
+    tracking.end_run(uri, parent_id, "FINISHED")
+    del ray
+    return results, text, plot, uri
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mixcl_ray.tune",
+        description="Run a label-efficiency study: Ray Tune over loss weights, temperatures and label "
+        "fractions; each trial pre-trains (cached) and fine-tunes on Ray Train; MLflow records every run. "
+        "With no arguments: the built-in demo on the synthetic benchmark, on CPU (about 10 minutes on 2 cores).",
+    )
+    parser.add_argument(
+        "--space",
+        default=str(DEFAULT_SPACE),
+        help="search space file or name in tune_spaces/ (demo, ablation, spleen, btcv)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="prepared folder (default: the space's data, else the built-in benchmark)",
+    )
+    parser.add_argument(
+        "--num-samples", type=int, help="samples per grid point (default: the space's)"
+    )
+    parser.add_argument(
+        "--storage",
+        type=Path,
+        default=Path("runs"),
+        help="checkpoints, Tune state, the pre-training cache, reports and the local MLflow store",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the last interrupted sweep of this space"
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster address: auto or ray://HOST:PORT (default: local Ray)"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or a SQLite file in --storage)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        results, text, plot, uri = run_sweep(
+            args.space,
+            data=args.data,
+            storage=args.storage,
+            num_samples=args.num_samples,
+            resume=args.resume,
+            tracking_uri=args.tracking_uri,
+            address=args.address,
+        )
+    except (SpaceError, ValueError, ConnectionError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    minutes = (time.perf_counter() - start) / 60
+    errors = [r for r in results if r.error]
+    print(f"\nstudy finished in {minutes:.1f} min: {len(results)} trials, {len(errors)} failed")
+    print(text)
+    if plot:
+        print(f"\nlabel-efficiency plot: {plot}")
+    print(
+        f"dashboard: mlflow ui --backend-store-uri {tracking.safe_uri(uri)}   (then open http://127.0.0.1:5000)"
+    )
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
