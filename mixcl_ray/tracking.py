@@ -32,6 +32,16 @@ def _client(uri: str):
 
 def check_reachable(uri: str) -> None:
     """Fail before any compute when the tracking server cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10)
+        except OSError as err:
+            raise ConnectionError(
+                f"MLflow tracking server {safe_uri(uri)} is not reachable ({err}); start it or "
+                "point --tracking-uri / MLFLOW_TRACKING_URI elsewhere"
+            ) from None
     try:
         _client(uri).search_experiments(max_results=1)
     except Exception as err:  # MLflow raises several types for an unreachable server

@@ -12,27 +12,33 @@ from mixcl_ray.spaces import SpaceError, load_space, to_tune_space
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
 
-@pytest.mark.parametrize("name", ["demo", "ablation", "spleen", "btcv"])
+@pytest.mark.parametrize("name", ["demo", "ablation", "spleen", "btcv", "search"])
 def test_shipped_spaces_are_valid(name):
     spec = load_space(SPACES / f"{name}.yaml")
     assert spec.name == name and spec.space
     assert load_space(name).space == spec.space  # found by name too
 
 
-@pytest.mark.parametrize("text, message", [
-    ("space: {method: mixcl}\nschedular: {type: asha}\n", "unknown keys ['schedular']"),
-    ("space: {methd: mixcl}\n", "unknown dimension 'methd'"),
-    ("space: {method: {grid: [scratch, simclr]}}\n", "method 'simclr' is not one of"),
-    ("space: {lr: {normal: [0, 1]}}\n", "a distribution is one of"),
-    ("space: {lr: {loguniform: [0, 0.1]}}\n", "0 < low < high"),
-    ("space: {l_id: {uniform: [2, 1]}}\n", "low < high"),
-    ("space: {label_fraction: 1.5}\n", "not in [0, 1]"),
-    ("space: {seed: {grid: []}}\n", "non-empty list"),
-    ("space: {}\n", "'space' must map"),
-    ("space: {seed: 0}\nfinetune: {optim: {epoch: 3}}\n", "finetune: FinetuneConfig.optim: unknown keys ['epoch']"),
-    ("space: {seed: 0}\nscheduler: {type: hyperband}\n", "scheduler.type"),
-    ("space: [1, 2\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("space: {method: mixcl}\nschedular: {type: asha}\n", "unknown keys ['schedular']"),
+        ("space: {methd: mixcl}\n", "unknown dimension 'methd'"),
+        ("space: {method: {grid: [scratch, simclr]}}\n", "method 'simclr' is not one of"),
+        ("space: {lr: {normal: [0, 1]}}\n", "a distribution is one of"),
+        ("space: {lr: {loguniform: [0, 0.1]}}\n", "0 < low < high"),
+        ("space: {l_id: {uniform: [2, 1]}}\n", "low < high"),
+        ("space: {label_fraction: 1.5}\n", "not in [0, 1]"),
+        ("space: {seed: {grid: []}}\n", "non-empty list"),
+        ("space: {}\n", "'space' must map"),
+        (
+            "space: {seed: 0}\nfinetune: {optim: {epoch: 3}}\n",
+            "finetune: FinetuneConfig.optim: unknown keys ['epoch']",
+        ),
+        ("space: {seed: 0}\nscheduler: {type: hyperband}\n", "scheduler.type"),
+        ("space: [1, 2\n", "not valid YAML"),
+    ],
+)
 def test_space_errors_name_the_file_and_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -42,15 +48,23 @@ def test_space_errors_name_the_file_and_the_key(tmp_path, text, message):
 
 
 def test_tune_space_conversion():
-    space = to_tune_space({"method": {"grid": ["scratch", "mixcl"]}, "lr": {"loguniform": [1e-4, 1e-2]}, "seed": 3},
-                          "basic")
+    space = to_tune_space(
+        {"method": {"grid": ["scratch", "mixcl"]}, "lr": {"loguniform": [1e-4, 1e-2]}, "seed": 3},
+        "basic",
+    )
     assert space["method"] == {"grid_search": ["scratch", "mixcl"]} and space["seed"] == 3
     assert 1e-4 <= space["lr"].sample() <= 1e-2
     assert not isinstance(to_tune_space({"method": {"grid": ["a", "b"]}}, "optuna")["method"], dict)
 
 
-KNOWN = [("scratch", 0.05, 0, 0.30), ("scratch", 0.05, 1, 0.40), ("mixcl", 0.05, 0, 0.50), ("mixcl", 0.05, 1, 0.60),
-         ("scratch", 1.0, 0, 0.80), ("mixcl", 1.0, 0, 0.81)]
+KNOWN = [
+    ("scratch", 0.05, 0, 0.30),
+    ("scratch", 0.05, 1, 0.40),
+    ("mixcl", 0.05, 0, 0.50),
+    ("mixcl", 0.05, 1, 0.60),
+    ("scratch", 1.0, 0, 0.80),
+    ("mixcl", 1.0, 0, 0.81),
+]
 
 
 @pytest.fixture()
@@ -59,12 +73,26 @@ def known_store(tmp_path):
     exp = tracking.ensure_experiment(uri, "known", tmp_path / "artifacts")
     parent = tracking.start_run(uri, exp, "sweep", {"mixcl.stage": "sweep"}, {"space": "test"})
     for method, fraction, seed, dice in KNOWN:
-        run = tracking.start_run(uri, exp, f"{method}", {"mixcl.stage": "trial"},
-                                 {"method": method, "label_fraction": fraction, "seed": seed}, parent_id=parent)
-        tracking.log_metrics(uri, run, {"test/dice_mean": dice, "val/best_dice_mean": dice + 0.01}, step=0)
+        run = tracking.start_run(
+            uri,
+            exp,
+            f"{method}",
+            {"mixcl.stage": "trial"},
+            {"method": method, "label_fraction": fraction, "seed": seed},
+            parent_id=parent,
+        )
+        tracking.log_metrics(
+            uri, run, {"test/dice_mean": dice, "val/best_dice_mean": dice + 0.01}, step=0
+        )
         tracking.end_run(uri, run)
-    stopped = tracking.start_run(uri, exp, "stopped", {"mixcl.stage": "trial"},
-                                 {"method": "mixcl", "label_fraction": 0.05, "seed": 2}, parent_id=parent)
+    stopped = tracking.start_run(
+        uri,
+        exp,
+        "stopped",
+        {"mixcl.stage": "trial"},
+        {"method": "mixcl", "label_fraction": 0.05, "seed": 2},
+        parent_id=parent,
+    )
     tracking.log_metrics(uri, stopped, {"test/dice_mean": 0.0}, step=0)
     tracking.end_run(uri, stopped, "KILLED")  # early-stopped trials are not results
     return uri, parent
@@ -94,6 +122,7 @@ def test_differences_inside_the_spread_are_marked():
 
 
 def test_secrets_never_become_params():
-    assert tracking.flat_params({"db_password": "x", "aws_secret_key": "y", "l_label": 1.0, "lr": 0.1}) == {
-        "l_label": "1.0", "lr": "0.1"}
+    assert tracking.flat_params(
+        {"db_password": "x", "aws_secret_key": "y", "l_label": 1.0, "lr": 0.1}
+    ) == {"l_label": "1.0", "lr": "0.1"}
     assert tracking.safe_uri("http://user:pw@host:5000") == "http://***@host:5000"

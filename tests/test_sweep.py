@@ -1,0 +1,265 @@
+"""The main job end to end: ``python -m mixcl_ray.tune`` as a user runs it (its own local Ray,
+with the dashboard, as the product starts it), logging over HTTP to a real ``mlflow server``
+started on 127.0.0.1 with its own SQLite file; then an interrupted sweep resumed."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+SPACE = """
+description: test sweep
+preset: cpu-tiny
+experiment: {experiment}
+metric: val/dice_mean
+mode: max
+scheduler: {scheduler}
+resources: {{workers: 1, gpus_per_worker: 0, max_concurrent_trials: 1}}
+pretrain:
+  optim: {{epochs: 1}}
+  patches: {{patches_per_case: 2, batch_size: 2}}
+finetune:
+  optim: {{epochs: {epochs}}}
+  min_patches_per_epoch: 16
+  patches: {{patches_per_case: 4}}
+space:
+  method: {{grid: [scratch, mixcl]}}
+  label_fraction: {{grid: [0.5, 1.0]}}
+  seed: 0
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not answer /health within 120 s")
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _tune(args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "mixcl_ray.tune", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+def _runs(client, experiment, stage):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mixcl.stage` = '{stage}'")
+
+
+def test_sweep_records_parent_children_params_metrics_artifacts(
+    prepared_benchmark, mlflow_server, tmp_path
+):
+    space = tmp_path / "sweep.yaml"
+    space.write_text(
+        SPACE.format(
+            experiment="sweep-test",
+            epochs=2,
+            scheduler="{type: asha, grace_period: 1, reduction_factor: 4}",
+        )
+    )
+    proc = _tune(
+        [
+            "--space",
+            str(space),
+            "--data",
+            str(prepared_benchmark),
+            "--storage",
+            str(tmp_path / "runs"),
+            "--tracking-uri",
+            mlflow_server,
+        ]
+    )
+    out, _ = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, out[-5000:]
+    assert "study finished" in out and "label-efficiency plot" in out and "mlflow ui" in out
+
+    client = MlflowClient(mlflow_server)
+    (parent,) = _runs(client, "sweep-test", "sweep")
+    trials = _runs(client, "sweep-test", "trial")
+    assert len(trials) == 4
+    assert all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
+    assert {(t.data.params["method"], float(t.data.params["label_fraction"])) for t in trials} == {
+        ("scratch", 0.5),
+        ("scratch", 1.0),
+        ("mixcl", 0.5),
+        ("mixcl", 1.0),
+    }
+    vocabulary = {
+        "method",
+        "l_id",
+        "l_label",
+        "l_rec",
+        "temperature_id",
+        "temperature_label",
+        "pretrain_label_fraction",
+        "label_fraction",
+        "seed",
+        "preset",
+        "data_fingerprint",
+        "lr",
+    }
+    assert all(vocabulary <= set(t.data.params) for t in trials)
+    # the pre-training cache: one pre-training for the two MixCL trials
+    pretrains = _runs(client, "sweep-test", "pretrain")
+    assert len(pretrains) == 1
+    mixcl = [t for t in trials if t.data.params["method"] == "mixcl"]
+    assert sorted(t.data.tags["pretrain_reused"] for t in mixcl) == ["False", "True"]
+    assert "train/loss_label" in pretrains[0].data.metrics
+    # early-stopped trials are closed as KILLED, the others finished with every record
+    statuses = {t.info.status for t in trials}
+    assert statuses <= {"FINISHED", "KILLED"}
+    finished = [t for t in trials if t.info.status == "FINISHED"]
+    assert finished
+    for t in finished:
+        history = client.get_metric_history(t.info.run_id, "val/dice_mean")
+        assert [m.step for m in history] == [0, 1]
+        assert {"test/dice_mean", "val/dice/spleen", "train/loss", "train/patches_per_s"} <= set(
+            t.data.metrics
+        )
+        names = {a.path for a in client.list_artifacts(t.info.run_id)}
+        assert "config.json" in names and "overlays" in names
+        overlays = client.list_artifacts(t.info.run_id, "overlays")
+        assert overlays and all(a.path.endswith(".png") for a in overlays)
+        assert Path(t.data.tags["best_checkpoint"]).exists()
+    for t in trials:
+        if t.info.status == "KILLED":
+            assert "early stopped" in t.data.tags["mixcl.stopped"]
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert artifacts == {"report/report.md", "report/label_efficiency.png"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} >= {
+        "sweep/manifest.json",
+        "sweep/splits.json",
+    }
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(prepared_benchmark, tmp_path):
+    space = tmp_path / "resume.yaml"
+    space.write_text(SPACE.format(experiment="resume-test", epochs=1, scheduler="{type: none}"))
+    args = [
+        "--space",
+        str(space),
+        "--data",
+        str(prepared_benchmark),
+        "--storage",
+        str(tmp_path / "runs"),
+    ]
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    proc = _tune(args)
+    deadline = time.time() + 900
+    finished = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(5)
+        try:
+            finished = [
+                t
+                for t in _runs(MlflowClient(uri), "resume-test", "trial")
+                if t.info.status == "FINISHED"
+            ]
+        except Exception:
+            continue
+        if finished:
+            break
+    assert finished, "no trial finished before the deadline"
+    time.sleep(3)  # let Tune save its experiment state
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+    proc.communicate(timeout=300)
+    first_done = {t.info.run_id: t.info.end_time for t in finished}
+    state = json.loads((tmp_path / "runs/tune/resume.latest.json").read_text())
+
+    resumed = _tune([*args, "--resume"])
+    out, _ = resumed.communicate(timeout=1500)
+    assert resumed.returncode == 0, out[-5000:]
+    client = MlflowClient(uri)
+    (parent,) = _runs(client, "resume-test", "sweep")
+    assert parent.info.run_id == state["parent_run_id"]
+    trials = _runs(client, "resume-test", "trial")
+    keys = [t.data.tags["mixcl.trial_key"] for t in trials]
+    assert len(keys) == len(set(keys)) == 4  # no duplicate runs
+    for t in trials:
+        assert t.info.status == "FINISHED"
+        if t.info.run_id in first_done:  # finished before the interruption: not run again
+            assert t.info.end_time == first_done[t.info.run_id]
+    assert len(_runs(client, "resume-test", "pretrain")) == 1
+
+
+def test_unreachable_tracking_server_fails_before_compute(prepared_benchmark, tmp_path):
+    port = _free_port()
+    proc = _tune(
+        [
+            "--data",
+            str(prepared_benchmark),
+            "--storage",
+            str(tmp_path / "runs"),
+            "--tracking-uri",
+            f"http://127.0.0.1:{port}",
+        ]
+    )
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2
+    assert "not reachable" in out
+    assert not (tmp_path / "runs" / "tune").exists()
