@@ -211,14 +211,12 @@ def run_finetuning(
 ) -> FinetuneResult:
     """Fine-tune with Ray Train (Ray must be initialised); resumes a run of the same name."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from data_prep.reader import read_manifest, read_splits
     from mixcl_ray.feed import build_finetune_dataset, class_lookup, target_source
     from mixcl_ray.models import SegmentationNet, check_patch_size, load_pretrained
     from mixcl_ray.pretrain import PRETRAINED_FILE
-    from mixcl_ray.train_utils import cpus_per_worker, run_name
+    from mixcl_ray.train_utils import cpus_per_worker, fit_stage, resume_epoch, run_name
 
     check_patch_size(SegmentationNet(config.model, 2).backbone, config.patches.patch_size)
     source = target_source(data_dir, config.source)
@@ -251,48 +249,28 @@ def run_finetuning(
     per_epoch = n_train * config.patches.patches_per_case
     per_epoch *= max(1, -(-config.min_patches_per_epoch // per_epoch))
     run_dir = Path(storage).absolute() / name
-    from mixcl_ray.pretrain import _resume_epoch
-
-    trainer = TorchTrainer(
+    dataset = build_finetune_dataset(data_dir, config_dict, epoch_offset=resume_epoch(run_dir))
+    loop_config = {
+        "config": config_dict,
+        "class_names": names,
+        "lut": lut.tolist(),
+        "data_dir": str(Path(data_dir).absolute()),
+        "val_ids": splits["val"],
+        "pretrained": str(pretrained) if pretrained else None,
+        "steps_per_epoch": max(1, per_epoch // (config.patches.batch_size * workers)),
+        "torch_threads": max(1, int(per_worker)),
+    }
+    folder, metrics, history = fit_stage(
         finetune_loop,
-        train_loop_config={
-            "config": config_dict,
-            "class_names": names,
-            "lut": lut.tolist(),
-            "data_dir": str(Path(data_dir).absolute()),
-            "val_ids": splits["val"],
-            "pretrained": str(pretrained) if pretrained else None,
-            "steps_per_epoch": max(1, per_epoch // (config.patches.batch_size * workers)),
-            "torch_threads": max(1, int(per_worker)),
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=str(Path(storage).absolute()),
-            callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={
-            "train": build_finetune_dataset(
-                data_dir, config_dict, epoch_offset=_resume_epoch(run_dir)
-            )
-        },
+        loop_config,
+        config.scaling,
+        per_worker,
+        run_dir.parent,
+        name,
+        callbacks,
+        dataset,
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"fine-tuning {name} finished without a checkpoint: {result.error}")
-    folder = Path(result.checkpoint.path)
-    from mixcl_ray.train_utils import load_checkpoint_state
-
-    history = load_checkpoint_state(folder)["extra"].get("history", [])
-    return FinetuneResult(
-        folder, folder / BEST_FILE, dict(result.metrics or {}), history, summary, name
-    )
+    return FinetuneResult(folder, folder / BEST_FILE, metrics, history, summary, name)
 
 
 def build_parser() -> argparse.ArgumentParser:

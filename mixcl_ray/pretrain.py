@@ -23,19 +23,6 @@ from mixcl_ray.train_config import PretrainConfig, from_dict, load_config, to_di
 PRETRAINED_FILE = "pretrained.pt"
 
 
-def _invert(out: dict, batch: dict, view: str) -> dict:
-    from mixcl_ray.data.views import invert_spatial
-
-    if "voxel_embeddings" in out:
-        out = dict(
-            out,
-            voxel_embeddings=invert_spatial(
-                out["voxel_embeddings"], batch[f"flips{view}"], batch[f"rot{view}"]
-            ),
-        )
-    return out
-
-
 def pretrain_loop(loop_config: dict) -> None:
     """The per-worker training function (Ray Train)."""
     import ray.train
@@ -93,8 +80,8 @@ def pretrain_loop(loop_config: dict) -> None:
         ):
             wait += time.perf_counter() - tick
             with autocast(device, cfg.scaling.amp):
-                out1 = _invert(model(batch["input1"], heads=loss_fn.heads), batch, "1")
-                out2 = _invert(model(batch["input2"], heads=loss_fn.heads), batch, "2")
+                out1 = model(batch["input1"], loss_fn.heads, batch["flips1"], batch["rot1"])
+                out2 = model(batch["input2"], loss_fn.heads, batch["flips2"], batch["rot2"])
                 terms = loss_fn(out1, out2, batch, step=step, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
@@ -154,14 +141,6 @@ class PretrainResult:
     name: str
 
 
-def _resume_epoch(run_dir: Path) -> int:
-    """Next epoch of an interrupted run in ``run_dir`` (0 when nothing is there)."""
-    epochs = [
-        int(p.name.split("_")[1]) for p in run_dir.glob("epoch_*") if (p / "state.pt").exists()
-    ]
-    return max(epochs) + 1 if epochs else 0
-
-
 def run_pretraining(
     data_dir,
     storage,
@@ -171,16 +150,14 @@ def run_pretraining(
     fail_after_epoch: int | None = None,
 ) -> PretrainResult:
     """Pre-train with Ray Train (Ray must be initialised). Re-running with the same storage and
-    name resumes from the last checkpoint; a finished run returns at once."""
+    name resumes from the last checkpoint."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from data_prep.reader import read_manifest
     from mixcl_ray.feed import build_pretrain_dataset, pretraining_cases
     from mixcl_ray.models import check_patch_size
     from mixcl_ray.models.backbones import build_backbone
-    from mixcl_ray.train_utils import cpus_per_worker, run_name
+    from mixcl_ray.train_utils import cpus_per_worker, fit_stage, resume_epoch, run_name
 
     check_patch_size(build_backbone(config.model), config.patches.patch_size)
     manifest = read_manifest(data_dir)
@@ -194,42 +171,17 @@ def run_pretraining(
     steps_per_epoch = max(
         1, len(ids) * config.patches.patches_per_case // (config.patches.batch_size * workers)
     )
-    trainer = TorchTrainer(
-        pretrain_loop,
-        train_loop_config={
-            "config": config_dict,
-            "steps_per_epoch": steps_per_epoch,
-            "torch_threads": max(1, int(per_worker)),
-            "fail_after_epoch": fail_after_epoch,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=str(storage),
-            callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={
-            "train": build_pretrain_dataset(
-                data_dir, config_dict, epoch_offset=_resume_epoch(run_dir)
-            )
-        },
+    dataset = build_pretrain_dataset(data_dir, config_dict, epoch_offset=resume_epoch(run_dir))
+    loop_config = {
+        "config": config_dict,
+        "steps_per_epoch": steps_per_epoch,
+        "torch_threads": max(1, int(per_worker)),
+        "fail_after_epoch": fail_after_epoch,
+    }
+    folder, metrics, history = fit_stage(
+        pretrain_loop, loop_config, config.scaling, per_worker, storage, name, callbacks, dataset
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"pre-training {name} finished without a checkpoint: {result.error}")
-    folder = Path(result.checkpoint.path)
-    from mixcl_ray.train_utils import load_checkpoint_state
-
-    history = load_checkpoint_state(folder)["extra"].get("history", [])
-    return PretrainResult(
-        folder, folder / PRETRAINED_FILE, dict(result.metrics or {}), history, storage, name
-    )
+    return PretrainResult(folder, folder / PRETRAINED_FILE, metrics, history, storage, name)
 
 
 def init_ray(address: str | None = None) -> None:

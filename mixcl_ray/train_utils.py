@@ -126,3 +126,55 @@ def run_name(stage: str, config: dict, data_fingerprint: str) -> str:
     """A name that the same command and data always get, so re-running resumes."""
     blob = json.dumps({"config": config, "data": data_fingerprint}, sort_keys=True, default=str)
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def resume_epoch(run_dir: Path) -> int:
+    """Next epoch of an interrupted run in ``run_dir`` (0 when nothing is there)."""
+    epochs = [
+        int(p.name.split("_")[1])
+        for p in Path(run_dir).glob("epoch_*")
+        if (p / STATE_FILE).exists()
+    ]
+    return max(epochs) + 1 if epochs else 0
+
+
+def fit_stage(
+    loop,
+    loop_config: dict,
+    scaling: ScalingSettings,
+    per_worker_cpus: float,
+    storage: Path,
+    name: str,
+    callbacks,
+    dataset,
+) -> tuple[Path, dict, list[dict]]:
+    """Run one Ray Train stage; returns (last checkpoint folder, last metrics, epoch history).
+
+    Re-running with the same storage and name resumes from the last checkpoint; a worker
+    failure restarts the group from it (``scaling.max_failures`` times)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": per_worker_cpus},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name} finished without a checkpoint: {result.error}")
+    folder = Path(result.checkpoint.path)
+    history = load_checkpoint_state(folder)["extra"].get("history", [])
+    return folder, dict(result.metrics or {}), history

@@ -141,3 +141,20 @@ def test_config_round_trip_and_methods():
     assert loss_config_for("mixcl", temperature_id=0.2).temperature_id == 0.2
     with pytest.raises(ValueError, match="unknown method"):
         loss_config_for("simclr")
+
+
+def test_view_transform_maps_embeddings_back_to_the_patch_frame():
+    from mixcl_ray.data.views import invert_spatial
+
+    model = MixCLModel(TINY).eval()
+    x = torch.rand(2, 1, 32, 32, 32)
+    flips, rots = torch.tensor([[True, False, True], [False, True, False]]), torch.tensor([1, 3])
+    plain = model(x)
+    mapped = model(x, flips=flips, rots=rots)
+    assert torch.allclose(
+        mapped["voxel_embeddings"], invert_spatial(plain["voxel_embeddings"], flips, rots)
+    )
+    assert torch.allclose(
+        mapped["reconstruction"], plain["reconstruction"]
+    )  # stays in the view frame
+    assert not torch.allclose(mapped["global_embedding"], plain["global_embedding"])

@@ -45,7 +45,9 @@ def test_voxel_correspondence_between_two_views():
         np.zeros((8, 8, 8), np.uint8),
         rng,
         corruptions=None,
-        views=ViewConfig(scale=(1, 1), shift=(0, 0), gamma=(1, 1), noise_std=0),
+        views=ViewConfig(
+            flip_prob=1.0, rotate=True, scale=(1, 1), shift=(0, 0), gamma=(1, 1), noise_std=0
+        ),
     )
     batch = {k: torch.from_numpy(np.asarray(v))[None] for k, v in ex.items()}
     back1 = invert_spatial(batch["input1"], batch["flips1"], batch["rot1"])

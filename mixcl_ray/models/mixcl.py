@@ -6,23 +6,32 @@ import torch
 from torch import nn
 
 from mixcl_ray.config import ModelConfig
+from mixcl_ray.data.views import invert_spatial
 from mixcl_ray.models.backbones import build_backbone
 
 HEADS = ("global", "dense", "reconstruction")
 
 
 class GlobalProjectionHead(nn.Module):
-    """Pooled bottleneck features -> MLP -> identity embedding (B, global_dim)."""
+    """Pooled bottleneck features -> MLP -> identity embedding (B, global_dim).
+
+    The bottleneck is instance-normalised, so a global average over it is nearly the same for
+    every patch (each channel's mean is normalised away) and the identity term cannot learn;
+    pooling to a 2x2x2 grid and flattening keeps the coarse layout that tells patches apart.
+    """
+
+    grid = 2
 
     def __init__(self, in_channels: int, hidden: int, out_dim: int):
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.pool = nn.AdaptiveAvgPool3d(self.grid)
+        in_channels = in_channels * self.grid**3
         self.mlp = nn.Sequential(
             nn.Linear(in_channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
         )
 
     def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.pool(bottleneck).flatten(1))  # (B, C, d, h, w) -> (B, C) -> (B, out)
+        return self.mlp(self.pool(bottleneck).flatten(1))  # (B, C, d, h, w) -> (B, 8C) -> (B, out)
 
 
 class DenseProjectionHead(nn.Module):
@@ -56,18 +65,35 @@ class MixCLModel(nn.Module):
         self.dense_head = DenseProjectionHead(self.backbone.decoder_channels, config.dense_dim)
         self.reconstruction_head = nn.Conv3d(self.backbone.decoder_channels, config.in_channels, 1)
 
-    def forward(self, x: torch.Tensor, heads: tuple[str, ...] = HEADS) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        heads: tuple[str, ...] = HEADS,
+        flips: torch.Tensor | None = None,
+        rots: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """x: (B, C, D, H, W). Returns those of ``global_embedding`` (B, G), ``voxel_embeddings``
-        (B, E, D, H, W) and ``reconstruction`` (B, C, D, H, W) that ``heads`` asks for."""
+        (B, E, D, H, W) and ``reconstruction`` (B, C, D, H, W) that ``heads`` asks for.
+
+        With the view's spatial transform (``flips`` (B, 3), ``rots`` (B,), see
+        ``mixcl_ray.data.views``), the bottleneck grid and the voxel embeddings are mapped back
+        to the patch's own frame, so that both views of a patch line up; the reconstruction
+        stays in the view's frame, like its target.
+        """
         unknown = set(heads) - set(HEADS)
         if unknown:
             raise ValueError(f"unknown heads {sorted(unknown)}; known: {HEADS}")
         bottleneck, features = self.backbone(x, decode=bool(set(heads) - {"global"}))
         out = {}
         if "global" in heads:
+            if flips is not None:
+                bottleneck = invert_spatial(bottleneck, flips, rots)
             out["global_embedding"] = self.global_head(bottleneck)
         if "dense" in heads:
-            out["voxel_embeddings"] = self.dense_head(features)
+            embeddings = self.dense_head(features)
+            out["voxel_embeddings"] = (
+                invert_spatial(embeddings, flips, rots) if flips is not None else embeddings
+            )
         if "reconstruction" in heads:
             out["reconstruction"] = self.reconstruction_head(features)
         return out
