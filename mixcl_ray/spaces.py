@@ -143,6 +143,11 @@ def load_space(path: str | os.PathLike) -> SweepSpec:
     sched = data.get("scheduler", {"type": "asha"})
     if not isinstance(sched, dict) or sched.get("type") not in ("asha", "none"):
         raise SpaceError(f"{path}: scheduler.type must be asha or none")
+    bad = sorted(set(sched) - {"type", "grace_period", "reduction_factor", "max_t"})
+    if bad:
+        raise SpaceError(
+            f"{path}: scheduler: unknown keys {bad}; known: grace_period, max_t, reduction_factor, type"
+        )
     resources = {
         "workers": 2,
         "gpus_per_worker": 0,

@@ -125,8 +125,8 @@ def run_sweep(
 
         epochs = load_config("finetune", spec.preset, overrides=spec.finetune or None).optim.epochs
         scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="epoch",
-            max_t=epochs,
+            time_attr="training_iteration",  # one report per epoch, counted from 1
+            max_t=spec.scheduler.get("max_t", epochs),
             grace_period=spec.scheduler.get("grace_period", 2),
             reduction_factor=spec.scheduler.get("reduction_factor", 2),
         )
@@ -207,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the last interrupted sweep of this space"
     )
     parser.add_argument(
-        "--address", help="Ray cluster address: auto or ray://HOST:PORT (default: local Ray)"
+        "--address",
+        help="Ray cluster address: auto or ray://HOST:PORT; local starts a new local instance "
+        "(default: a running local cluster if there is one, else a new local instance)",
     )
     parser.add_argument(
         "--tracking-uri",

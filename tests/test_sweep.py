@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 ROOT = Path(__file__).resolve().parents[1]
 
 SPACE = """
@@ -92,8 +92,10 @@ def mlflow_server(tmp_path_factory):
 
 def _tune(args, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)  # the test session's own Ray instance is not the user's
     return subprocess.Popen(
-        [sys.executable, "-m", "mixcl_ray.tune", *args],
+        # its own local Ray instance, with the dashboard, as a user's command starts it
+        [sys.executable, "-m", "mixcl_ray.tune", "--address", "local", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -133,6 +135,7 @@ def test_sweep_records_parent_children_params_metrics_artifacts(
         ]
     )
     out, _ = proc.communicate(timeout=1500)
+    (tmp_path / "tune.log").write_text(out)
     assert proc.returncode == 0, out[-5000:]
     assert "study finished" in out and "label-efficiency plot" in out and "mlflow ui" in out
 
@@ -168,12 +171,8 @@ def test_sweep_records_parent_children_params_metrics_artifacts(
     mixcl = [t for t in trials if t.data.params["method"] == "mixcl"]
     assert sorted(t.data.tags["pretrain_reused"] for t in mixcl) == ["False", "True"]
     assert "train/loss_label" in pretrains[0].data.metrics
-    # early-stopped trials are closed as KILLED, the others finished with every record
-    statuses = {t.info.status for t in trials}
-    assert statuses <= {"FINISHED", "KILLED"}
-    finished = [t for t in trials if t.info.status == "FINISHED"]
-    assert finished
-    for t in finished:
+    assert {t.info.status for t in trials} == {"FINISHED"}
+    for t in trials:
         history = client.get_metric_history(t.info.run_id, "val/dice_mean")
         assert [m.step for m in history] == [0, 1]
         assert {"test/dice_mean", "val/dice/spleen", "train/loss", "train/patches_per_s"} <= set(
@@ -184,9 +183,6 @@ def test_sweep_records_parent_children_params_metrics_artifacts(
         overlays = client.list_artifacts(t.info.run_id, "overlays")
         assert overlays and all(a.path.endswith(".png") for a in overlays)
         assert Path(t.data.tags["best_checkpoint"]).exists()
-    for t in trials:
-        if t.info.status == "KILLED":
-            assert "early stopped" in t.data.tags["mixcl.stopped"]
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
@@ -263,3 +259,31 @@ def test_unreachable_tracking_server_fails_before_compute(prepared_benchmark, tm
     assert proc.returncode == 2
     assert "not reachable" in out
     assert not (tmp_path / "runs" / "tune").exists()
+
+
+def test_early_stopped_trials_release_their_resources(prepared_benchmark, tmp_path):
+    """ASHA stops every trial after its first epoch (max_t 1 of 3 epochs): each stop happens
+    mid-fit, and the next trial must still get the CPUs the stopped one held."""
+    space = tmp_path / "asha.yaml"
+    text = SPACE.format(
+        experiment="asha-test", epochs=3, scheduler="{type: asha, max_t: 1, grace_period: 1}"
+    )
+    space.write_text(text.replace("method: {grid: [scratch, mixcl]}", "method: scratch"))
+    proc = _tune(
+        [
+            "--space",
+            str(space),
+            "--data",
+            str(prepared_benchmark),
+            "--storage",
+            str(tmp_path / "runs"),
+        ]
+    )
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    trials = _runs(client, "asha-test", "trial")
+    assert len(trials) == 2  # the second trial started after the first was stopped
+    for t in trials:
+        assert t.info.status == "KILLED" and "early stopped" in t.data.tags["mixcl.stopped"]
+        assert [m.step for m in client.get_metric_history(t.info.run_id, "val/dice_mean")] == [0]
