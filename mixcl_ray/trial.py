@@ -182,6 +182,15 @@ def test_scores(
     return metrics, pngs
 
 
+def _tune_trial_id() -> str:
+    from ray import tune
+
+    try:
+        return tune.get_context().get_trial_id() or ""
+    except Exception:  # outside a Tune session (direct calls)
+        return ""
+
+
 def run_trial(config: dict) -> None:
     """Ray Tune function trainable: ``config`` holds the sampled dimensions and ``_sweep``."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -210,7 +219,11 @@ def run_trial(config: dict) -> None:
         uri,
         ctx["experiment_id"],
         f"{params['method']} {100 * ft_cfg.label_fraction:g}% seed {ft_cfg.optim.seed}",
-        {"mixcl.stage": "trial", "method": params["method"]},
+        {
+            "mixcl.stage": "trial",
+            "method": params["method"],
+            "mixcl.tune_trial_id": _tune_trial_id(),
+        },
         params,
         parent_id=ctx["parent_id"],
         reuse_tag=("mixcl.trial_key", key),
@@ -229,7 +242,7 @@ def run_trial(config: dict) -> None:
             ft_cfg,
             pretrained=pretrained,
             name=f"finetune-{key}",
-            callbacks=[TuneReportCallback(), tracking.EpochMetricsCallback(uri, run_id)],
+            callbacks=[tracking.EpochMetricsCallback(uri, run_id), TuneReportCallback()],
         )
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

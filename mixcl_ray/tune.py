@@ -160,12 +160,18 @@ def run_sweep(
         )
     results = tuner.fit()
     experiment = tracking.child_runs(uri, experiment_id, parent_id)
-    for run in experiment:  # trials that ASHA stopped (their actor ended without a word)
-        if run.info.status == "RUNNING":
+    errored = {r.metrics.get("trial_id") for r in results if r.error}
+    for run in experiment:  # trials that the scheduler stopped mid-fit end without finishing
+        trial_id = run.data.tags.get("mixcl.tune_trial_id")
+        if run.data.tags.get("mixcl.stage") != "trial" or run.info.status == "FINISHED":
+            continue
+        if trial_id and trial_id not in errored:
             tracking.set_tags(
                 uri, run.info.run_id, {"mixcl.stopped": "early stopped by the scheduler"}
             )
             tracking.end_run(uri, run.info.run_id, "KILLED")
+        elif run.info.status == "RUNNING":
+            tracking.end_run(uri, run.info.run_id, "FAILED")
     try:
         text, plot = make_report(
             uri, spec.experiment, storage / "report" / state["name"], parent_id

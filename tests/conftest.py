@@ -7,9 +7,7 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole test session (2 CPUs, no dashboard)."""
+def start_test_ray():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: socket paths < 107 chars
@@ -20,8 +18,33 @@ def ray_session():
         logging_level="WARNING",
         log_to_driver=False,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        start_test_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_paused():
+    """No Ray instance of the test session while a module runs commands that start their own:
+    with two local instances on one machine, Ray Train's placement-group cleaner cannot tell
+    which one to ask ("Found multiple active Ray instances") and a stopped trial never frees
+    its CPUs. The session's instance comes back afterwards."""
+    import ray
+
+    was_running = ray.is_initialized()
+    if was_running:
+        ray.shutdown()
+    yield
+    if was_running:
+        start_test_ray()
 
 
 @pytest.fixture(scope="session")
