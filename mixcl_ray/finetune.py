@@ -48,6 +48,7 @@ def finetune_loop(loop_config: dict) -> None:
         build_scheduler,
         grad_scaler,
         load_checkpoint_state,
+        optimizer_step,
         restore_state,
         save_checkpoint_dir,
         training_state,
@@ -103,14 +104,7 @@ def finetune_loop(loop_config: dict) -> None:
                 raise FloatingPointError(
                     f"non-finite DiceCE loss ({loss.item()}) at step {step}: lower the learning rate"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.optim.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            optimizer_step(loss, model, optimizer, scaler, scheduler, cfg.optim.grad_clip)
             total += float(loss.detach())
             batches += 1
             patches += batch["image"].shape[0]

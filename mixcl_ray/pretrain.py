@@ -36,6 +36,7 @@ def pretrain_loop(loop_config: dict) -> None:
         build_scheduler,
         grad_scaler,
         load_checkpoint_state,
+        optimizer_step,
         restore_state,
         save_checkpoint_dir,
         training_state,
@@ -83,14 +84,7 @@ def pretrain_loop(loop_config: dict) -> None:
                 out1 = model(batch["input1"], loss_fn.heads, batch["flips1"], batch["rot1"])
                 out2 = model(batch["input2"], loss_fn.heads, batch["flips2"], batch["rot2"])
                 terms = loss_fn(out1, out2, batch, step=step, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()
-            if cfg.optim.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            optimizer_step(terms["loss"], model, optimizer, scaler, scheduler, cfg.optim.grad_clip)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             batches += 1

@@ -50,6 +50,18 @@ def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == "fp16")
 
 
+def optimizer_step(loss, model, optimizer, scaler, scheduler, grad_clip: float) -> None:
+    """Backward (scaled for fp16), optional gradient-norm clipping, optimiser and schedule step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
 def rng_state(generator: torch.Generator | None = None) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
