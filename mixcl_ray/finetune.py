@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixcl_ray.storage import ensure_writable
 from mixcl_ray.train_config import FinetuneConfig, from_dict, load_config, merge, to_dict
 
 BEST_FILE = "best_model.pt"
@@ -118,6 +119,7 @@ def finetune_loop(loop_config: dict) -> None:
             "train/patches_per_s": patches * world / seconds,
             "train/data_wait_share": wait / seconds,
             "train/lr": scheduler.get_last_lr()[0],
+            "resumed_from_epoch": start_epoch,  # > 0: this worker group restarted there
         }
         if load_report is not None:
             metrics["pretrained/loaded_tensors"] = len(load_report.loaded)
@@ -242,7 +244,8 @@ def run_finetuning(
     n_train = len(splits["label_fractions"][f"{config.label_fraction:g}"])
     per_epoch = n_train * config.patches.patches_per_case
     per_epoch *= max(1, -(-config.min_patches_per_epoch // per_epoch))
-    run_dir = Path(storage).absolute() / name
+    storage = ensure_writable(storage)
+    run_dir = storage / name
     dataset = build_finetune_dataset(data_dir, config_dict, epoch_offset=resume_epoch(run_dir))
     loop_config = {
         "config": config_dict,
@@ -318,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.setdefault("scaling", {})["use_gpu"] = True
     try:
         config = load_config("finetune", args.preset, args.config, overrides)
+        ensure_writable(args.storage)
         init_ray(args.address)
         result = run_finetuning(args.data, args.storage, config, args.pretrained, args.name)
     except (ValueError, FileNotFoundError) as err:

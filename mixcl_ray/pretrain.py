@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from mixcl_ray.storage import ensure_writable
 from mixcl_ray.train_config import PretrainConfig, from_dict, load_config, to_dict
 
 PRETRAINED_FILE = "pretrained.pt"
@@ -104,6 +105,7 @@ def pretrain_loop(loop_config: dict) -> None:
                 "train/data_wait_share": wait / seconds,
                 "train/epoch_seconds": seconds,
                 "train/lr": scheduler.get_last_lr()[0],
+                "resumed_from_epoch": start_epoch,  # > 0: this worker group restarted there
             }
         )
         if rank == 0:
@@ -157,7 +159,7 @@ def run_pretraining(
     manifest = read_manifest(data_dir)
     config_dict = to_dict(config)
     name = name or run_name("pretrain", config_dict, manifest["input_fingerprint"])
-    storage = Path(storage).absolute()
+    storage = ensure_writable(storage)
     run_dir = storage / name
     ids, _ = pretraining_cases(data_dir, config.pretrain_label_fraction, config.target_images)
     workers = config.scaling.workers
@@ -250,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             from mixcl_ray.train_config import merge
 
             config = merge(config, overrides_from_args(args))
+        ensure_writable(args.storage)
         init_ray(args.address)
         result = run_pretraining(args.data, args.storage, config, args.name)
     except (ValueError, FileNotFoundError) as err:

@@ -23,9 +23,7 @@ def collect(
     uri: str, experiment: str, parent_id: str | None = None
 ) -> tuple[list[dict], str | None]:
     """Finished trial runs of the sweep (the latest sweep of the experiment by default)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
+    client = tracking._client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"no MLflow experiment named {experiment!r} at {tracking.safe_uri(uri)}")

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 PARENT_TAG = "mlflow.parentRunId"
-SECRET_WORDS = ("password", "secret", "token", "key", "credential")
+SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "access_key", "credential")
 
 
 def default_tracking_uri(runs_dir: str | os.PathLike) -> str:
@@ -24,19 +24,45 @@ def default_tracking_uri(runs_dir: str | os.PathLike) -> str:
     )
 
 
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """(URI without user:password, user, password) of an http(s) tracking URI."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, None, None
+    host = parts.netloc.rsplit("@", 1)[1]
+    clean = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    password = unquote(parts.password) if parts.password is not None else None
+    return clean, unquote(parts.username or ""), password
+
+
 def _client(uri: str):
+    """A client for ``uri``. Credentials in the URI move to MLflow's own environment variables
+    (basic auth), so that MLflow never prints or stores them as part of a URL."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    clean, user, password = split_credentials(uri)
+    if user:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        if password is not None:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    return MlflowClient(tracking_uri=clean)
 
 
 def check_reachable(uri: str) -> None:
     """Fail before any compute when the tracking server cannot be reached."""
     if uri.startswith(("http://", "https://")):
+        import base64
         import urllib.request
 
+        clean, user, password = split_credentials(uri)
+        request = urllib.request.Request(f"{clean.rstrip('/')}/health")
+        if user:
+            token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10)
+            urllib.request.urlopen(request, timeout=10)
         except OSError as err:
             raise ConnectionError(
                 f"MLflow tracking server {safe_uri(uri)} is not reachable ({err}); start it or "
@@ -52,10 +78,10 @@ def check_reachable(uri: str) -> None:
 
 
 def safe_uri(uri: str) -> str:
-    """The URI without user:password."""
+    """The URI without user:password (also for database URIs such as postgresql://u:p@host/db)."""
     if "@" in uri and "://" in uri:
         scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
     return uri
 
 
@@ -74,9 +100,9 @@ def flat_params(params: dict) -> dict[str, str]:
     """MLflow params: flat, stringified, nothing that looks secret."""
     out = {}
     for key, value in params.items():
-        if any(word in key.lower() for word in SECRET_WORDS) and "label" not in key.lower():
+        if any(word in key.lower() for word in SECRET_WORDS):
             continue
-        out[key] = str(value)[:500]
+        out[key] = safe_uri(str(value))[:500]
     return out
 
 

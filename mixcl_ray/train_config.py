@@ -74,6 +74,7 @@ class ScalingSettings:
     cpus_per_worker: float | None = None  # None: 1 with a GPU, else half the CPUs shared by workers
     amp: str = "bf16"  # autocast dtype on GPU: bf16 | fp16 | none (always fp32 on CPU)
     max_failures: int = 2  # worker-group restarts from the last checkpoint
+    placement_strategy: str = "PACK"  # PACK: fill nodes in turn; SPREAD: one worker per node
 
     def __post_init__(self):
         _check(self.workers > 0, f"workers must be > 0, got {self.workers}")
@@ -83,6 +84,11 @@ class ScalingSettings:
         )
         _check(
             self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker must be > 0"
+        )
+        _check(
+            self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+            f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got "
+            f"{self.placement_strategy!r}",
         )
 
 

@@ -174,6 +174,7 @@ def fit_stage(
             num_workers=scaling.workers,
             use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": per_worker_cpus},
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name,

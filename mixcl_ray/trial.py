@@ -191,8 +191,11 @@ def _tune_trial_id() -> str:
         return ""
 
 
-def run_trial(config: dict) -> None:
-    """Ray Tune function trainable: ``config`` holds the sampled dimensions and ``_sweep``."""
+def run_trial(config: dict, sweep: dict) -> None:
+    """Ray Tune function trainable: ``config`` holds the sampled dimensions; ``sweep`` the
+    sweep's context (data, storage, tracking URI, stage settings), passed through the object
+    store with ``tune.with_parameters`` so that it never lands in Tune's logs or result files
+    (the tracking URI may carry credentials)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mixcl_ray.finetune import run_finetuning
@@ -200,8 +203,8 @@ def run_trial(config: dict) -> None:
     from mixcl_ray.train_config import load_config, to_dict
 
     init_ray()
-    ctx = config["_sweep"]
-    sample = {k: v for k, v in config.items() if k != "_sweep"}
+    ctx = sweep
+    sample = dict(config)
     scaling = {"workers": ctx["workers"], "use_gpu": ctx["gpus_per_worker"] > 0}
     pre_over = pretrain_overrides(sample, _deep(ctx["pretrain"], {"scaling": scaling}))
     pre_cfg = (

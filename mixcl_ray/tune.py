@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mixcl_ray import tracking
 from mixcl_ray.spaces import SpaceError, load_space, to_tune_space
+from mixcl_ray.storage import ensure_writable
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "demo.yaml"
 
@@ -37,6 +38,30 @@ def resolve_data(spec_data: str | None, data: Path | None) -> Path:
     print(f"data: the built-in synthetic benchmark, prepared in {out}")
     prepare([default_benchmark()], out)
     return out
+
+
+def make_scheduler(spec):
+    """ASHA on the per-epoch validation reports, or None.
+
+    Tune's ASHA stops a trial as soon as it reports ``max_t`` iterations, which would cut a
+    surviving trial off before its test score and its MLflow run are written. Unless the space
+    asks for a shorter budget, ``max_t`` is therefore one past the last fine-tuning epoch: the
+    rungs still lie within the fit, and a trial that passes them all finishes on its own.
+    """
+    from ray import tune
+
+    from mixcl_ray.train_config import load_config
+
+    if spec.scheduler.get("type") != "asha":
+        return None
+    epochs = load_config("finetune", spec.preset, overrides=spec.finetune or None).optim.epochs
+    max_t = spec.scheduler.get("max_t")
+    return tune.schedulers.ASHAScheduler(
+        time_attr="training_iteration",  # one report per epoch, counted from 1
+        max_t=epochs + 1 if max_t is None or max_t >= epochs else max_t,
+        grace_period=spec.scheduler.get("grace_period", 2),
+        reduction_factor=spec.scheduler.get("reduction_factor", 2),
+    )
 
 
 def _sweep_state(storage: Path, space_name: str) -> Path:
@@ -63,8 +88,7 @@ def run_sweep(
     from mixcl_ray.trial import run_trial
 
     spec = load_space(space_path)
-    storage = storage.absolute()
-    storage.mkdir(parents=True, exist_ok=True)
+    storage = ensure_writable(storage)
     uri = tracking_uri or tracking.default_tracking_uri(storage)
     tracking.check_reachable(uri)  # before any compute
     data_dir = resolve_data(spec.data, data).absolute()
@@ -118,25 +142,15 @@ def run_sweep(
         "workers": spec.resources["workers"],
         "gpus_per_worker": spec.resources["gpus_per_worker"],
     }
-    param_space = {**to_tune_space(spec.space, spec.search), "_sweep": ctx}
-    scheduler = None
-    if spec.scheduler.get("type") == "asha":
-        from mixcl_ray.train_config import load_config
-
-        epochs = load_config("finetune", spec.preset, overrides=spec.finetune or None).optim.epochs
-        scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="training_iteration",  # one report per epoch, counted from 1
-            max_t=spec.scheduler.get("max_t", epochs),
-            grace_period=spec.scheduler.get("grace_period", 2),
-            reduction_factor=spec.scheduler.get("reduction_factor", 2),
-        )
+    param_space = to_tune_space(spec.space, spec.search)
+    scheduler = make_scheduler(spec)
     search_alg = None
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch()
     # the trial driver needs almost no CPU of its own; its Train workers reserve theirs
-    trainable = tune.with_resources(run_trial, {"cpu": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=ctx), {"cpu": 0.01})
     tune_dir = storage / "tune" / state["name"]
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         tuner = tune.Tuner.restore(

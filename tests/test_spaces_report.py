@@ -47,6 +47,23 @@ def test_space_errors_name_the_file_and_the_key(tmp_path, text, message):
     assert message in str(info.value) and "bad.yaml" in str(info.value)
 
 
+def test_asha_lets_a_surviving_trial_finish_its_fit(tmp_path):
+    """Tune's ASHA stops a trial that reports max_t iterations; with max_t equal to the epochs
+    the best trial would be cut off before its test score, so max_t is one past them."""
+    from mixcl_ray.tune import make_scheduler
+
+    path = tmp_path / "asha.yaml"
+    body = "space: {seed: 0}\nfinetune: {optim: {epochs: 6}}\nscheduler: "
+    path.write_text(body + "{type: asha, grace_period: 1, reduction_factor: 2}\n")
+    asha = make_scheduler(load_space(path))
+    assert asha._max_t == 7
+    assert max(b._rungs[0][0] for b in asha._brackets) <= 6  # every rung within the fit
+    path.write_text(body + "{type: asha, max_t: 2}\n")  # a shorter budget is kept
+    assert make_scheduler(load_space(path))._max_t == 2
+    path.write_text(body + "{type: none}\n")
+    assert make_scheduler(load_space(path)) is None
+
+
 def test_tune_space_conversion():
     space = to_tune_space(
         {"method": {"grid": ["scratch", "mixcl"]}, "lr": {"loguniform": [1e-4, 1e-2]}, "seed": 3},
@@ -125,4 +142,14 @@ def test_secrets_never_become_params():
     assert tracking.flat_params(
         {"db_password": "x", "aws_secret_key": "y", "l_label": 1.0, "lr": 0.1}
     ) == {"l_label": "1.0", "lr": "0.1"}
+    assert tracking.flat_params({"cache_key": "abc", "store": "postgresql://u:pw@db/mlflow"}) == {
+        "cache_key": "abc",
+        "store": "postgresql://***@db/mlflow",
+    }
     assert tracking.safe_uri("http://user:pw@host:5000") == "http://***@host:5000"
+    assert tracking.split_credentials("https://me:p%40ss@host:5000/mlflow") == (
+        "https://host:5000/mlflow",
+        "me",
+        "p@ss",
+    )
+    assert tracking.split_credentials("sqlite:////tmp/a@b/mlflow.db")[1] is None

@@ -40,6 +40,14 @@ space:
 """
 
 
+PASSWORD = "s3cret-Pa55"
+_SERVER_FOLDERS: dict[str, Path] = {}
+
+
+def mlflow_server_folder(url: str) -> Path:
+    return _SERVER_FOLDERS[url]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,6 +90,7 @@ def mlflow_server(tmp_path_factory):
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("mlflow server did not answer /health within 120 s")
+    _SERVER_FOLDERS[url] = folder
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -119,9 +128,11 @@ def test_sweep_records_parent_children_params_metrics_artifacts(
         SPACE.format(
             experiment="sweep-test",
             epochs=2,
-            scheduler="{type: asha, grace_period: 1, reduction_factor: 4}",
+            scheduler="{type: none}",  # every trial runs its full budget (ASHA: the last test)
         )
     )
+    # credentials in the URI (the test server ignores basic auth) must never be written anywhere
+    with_password = mlflow_server.replace("http://", f"http://alice:{PASSWORD}@")
     proc = _tune(
         [
             "--space",
@@ -131,13 +142,21 @@ def test_sweep_records_parent_children_params_metrics_artifacts(
             "--storage",
             str(tmp_path / "runs"),
             "--tracking-uri",
-            mlflow_server,
+            with_password,
         ]
     )
     out, _ = proc.communicate(timeout=1500)
     (tmp_path / "tune.log").write_text(out)
     assert proc.returncode == 0, out[-5000:]
     assert "study finished" in out and "label-efficiency plot" in out and "mlflow ui" in out
+    assert PASSWORD not in out
+    leaks = [
+        f
+        for root in (tmp_path / "runs", Path(mlflow_server_folder(mlflow_server)))
+        for f in root.rglob("*")
+        if f.is_file() and PASSWORD.encode() in f.read_bytes()
+    ]
+    assert not leaks, leaks
 
     client = MlflowClient(mlflow_server)
     (parent,) = _runs(client, "sweep-test", "sweep")
@@ -172,6 +191,9 @@ def test_sweep_records_parent_children_params_metrics_artifacts(
     assert sorted(t.data.tags["pretrain_reused"] for t in mixcl) == ["False", "True"]
     assert "train/loss_label" in pretrains[0].data.metrics
     assert {t.info.status for t in trials} == {"FINISHED"}
+    for t in [*trials, *pretrains, parent]:
+        recorded = json.dumps([t.data.params, t.data.tags, t.data.metrics])
+        assert PASSWORD not in recorded and "alice" not in recorded
     for t in trials:
         history = client.get_metric_history(t.info.run_id, "val/dice_mean")
         assert [m.step for m in history] == [0, 1]
