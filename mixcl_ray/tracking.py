@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 
 PARENT_TAG = "mlflow.parentRunId"
+INTERRUPTED_TAG = "mixcl.interrupted"
+RESUMED_TAG = "mixcl.resumed_from"
 SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "access_key", "credential")
 
 
@@ -106,6 +108,18 @@ def flat_params(params: dict) -> dict[str, str]:
     return out
 
 
+def find_run(uri: str, experiment_id: str, tag: tuple[str, str], parent_id: str | None = None):
+    """The newest run carrying ``tag`` (under ``parent_id``), or None."""
+    key, value = tag
+    query = f"tags.`{key}` = '{value}'"
+    if parent_id:
+        query += f" and tags.`{PARENT_TAG}` = '{parent_id}'"
+    found = _client(uri).search_runs(
+        [experiment_id], filter_string=query, max_results=1, order_by=["start_time DESC"]
+    )
+    return found[0] if found else None
+
+
 def start_run(
     uri: str,
     experiment_id: str,
@@ -114,21 +128,27 @@ def start_run(
     params: dict | None = None,
     parent_id: str | None = None,
     reuse_tag: tuple[str, str] | None = None,
+    continue_interrupted: bool = True,
 ) -> str:
-    """Create a run, or reuse the one carrying ``reuse_tag`` (so retries and resumes never
-    duplicate runs). Returns its id."""
+    """Create a run, or reuse the one carrying ``reuse_tag``, so that resumes never duplicate
+    runs. Returns its id.
+
+    A finished run is reused as it is. An unfinished one (its driver or trial was lost) is
+    continued when ``continue_interrupted``; otherwise it is closed as KILLED with the tag
+    ``mixcl.interrupted`` and a new run, tagged ``mixcl.resumed_from`` with its id, takes over
+    (the trial runs: the new attempt's metrics then start where its checkpoint did)."""
     client = _client(uri)
-    if reuse_tag is not None:
-        key, value = reuse_tag
-        query = f"tags.`{key}` = '{value}'"
-        if parent_id:
-            query += f" and tags.`{PARENT_TAG}` = '{parent_id}'"
-        found = client.search_runs([experiment_id], filter_string=query, max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-            return run_id
     all_tags = dict(tags)
+    if reuse_tag is not None:
+        run = find_run(uri, experiment_id, reuse_tag, parent_id)
+        if run is not None:
+            run_id = run.info.run_id
+            if run.info.status == "FINISHED" or continue_interrupted:
+                client.update_run(run_id, status="RUNNING")
+                return run_id
+            client.set_tag(run_id, INTERRUPTED_TAG, "interrupted; resumed in a new run")
+            client.set_terminated(run_id, status="KILLED")
+            all_tags[RESUMED_TAG] = run_id
     if parent_id:
         all_tags[PARENT_TAG] = parent_id
     if reuse_tag is not None:

@@ -109,6 +109,7 @@ def cached_pretraining(pre_cfg, ctx: dict) -> tuple[Path, str, bool]:
             },
             parent_id=ctx["parent_id"],
             reuse_tag=("mixcl.pretrain_key", key),
+            continue_interrupted=False,
         )
         result = run_pretraining(
             ctx["data"],
@@ -218,6 +219,14 @@ def run_trial(config: dict, sweep: dict) -> None:
     params = trial_params(sample, pre_cfg, ft_cfg, ctx)
     key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
     uri = ctx["uri"]
+    done = tracking.find_run(uri, ctx["experiment_id"], ("mixcl.trial_key", key), ctx["parent_id"])
+    if done is not None and done.info.status == "FINISHED":
+        # finished before the sweep driver was lost, after Tune last saved its state: report
+        # the recorded result instead of training again
+        from ray import tune
+
+        tune.report({**done.data.metrics, "epoch": ft_cfg.optim.epochs - 1, "reused_run": 1})
+        return
     run_id = tracking.start_run(
         uri,
         ctx["experiment_id"],
@@ -230,6 +239,7 @@ def run_trial(config: dict, sweep: dict) -> None:
         params,
         parent_id=ctx["parent_id"],
         reuse_tag=("mixcl.trial_key", key),
+        continue_interrupted=False,
     )
     try:
         pretrained = None

@@ -177,7 +177,11 @@ def run_sweep(
     errored = {r.metrics.get("trial_id") for r in results if r.error}
     for run in experiment:  # trials that the scheduler stopped mid-fit end without finishing
         trial_id = run.data.tags.get("mixcl.tune_trial_id")
-        if run.data.tags.get("mixcl.stage") != "trial" or run.info.status == "FINISHED":
+        if (
+            run.data.tags.get("mixcl.stage") != "trial"
+            or run.info.status == "FINISHED"
+            or tracking.INTERRUPTED_TAG in run.data.tags
+        ):
             continue
         if trial_id and trial_id not in errored:
             tracking.set_tags(

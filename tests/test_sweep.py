@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -215,7 +216,24 @@ def test_sweep_records_parent_children_params_metrics_artifacts(
     }
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(prepared_benchmark, tmp_path):
+def _session_processes(sid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                found.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(
+    prepared_benchmark, tmp_path
+):
+    """SIGKILL of the sweep driver and every process it started (its local Ray included) once
+    a trial has finished, then ``--resume``: finished trials are not run again, MLflow has one
+    finished run per trial, and runs the kill interrupted are closed as KILLED and linked from
+    the runs that resumed them."""
     space = tmp_path / "resume.yaml"
     space.write_text(SPACE.format(experiment="resume-test", epochs=1, scheduler="{type: none}"))
     args = [
@@ -230,8 +248,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(prepared_be
     proc = _tune(args)
     deadline = time.time() + 900
     finished = []
+    state_file = tmp_path / "runs/tune/resume.latest.json"  # written once MLflow is set up
     while time.time() < deadline and proc.poll() is None:
-        time.sleep(5)
+        time.sleep(2)
+        if not state_file.exists():  # two processes creating one SQLite store at once clash
+            continue
         try:
             finished = [
                 t
@@ -242,27 +263,42 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(prepared_be
             continue
         if finished:
             break
+    if proc.poll() is not None:
+        pytest.fail(f"the sweep ended before it could be killed:\n{proc.communicate()[0][-5000:]}")
     assert finished, "no trial finished before the deadline"
-    time.sleep(3)  # let Tune save its experiment state
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-    proc.communicate(timeout=300)
+    time.sleep(5)  # into the next trial
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and the trial processes
+    proc.communicate(timeout=60)
+    deadline = time.time() + 60
+    while _session_processes(proc.pid) and time.time() < deadline:
+        time.sleep(1)
+    assert not _session_processes(proc.pid)
     first_done = {t.info.run_id: t.info.end_time for t in finished}
-    state = json.loads((tmp_path / "runs/tune/resume.latest.json").read_text())
+    state = json.loads(state_file.read_text())
 
     resumed = _tune([*args, "--resume"])
     out, _ = resumed.communicate(timeout=1500)
     assert resumed.returncode == 0, out[-5000:]
     client = MlflowClient(uri)
     (parent,) = _runs(client, "resume-test", "sweep")
-    assert parent.info.run_id == state["parent_run_id"]
+    assert parent.info.run_id == state["parent_run_id"] and parent.info.status == "FINISHED"
     trials = _runs(client, "resume-test", "trial")
-    keys = [t.data.tags["mixcl.trial_key"] for t in trials]
-    assert len(keys) == len(set(keys)) == 4  # no duplicate runs
-    for t in trials:
-        assert t.info.status == "FINISHED"
-        if t.info.run_id in first_done:  # finished before the interruption: not run again
+    done = [t for t in trials if t.info.status == "FINISHED"]
+    keys = [t.data.tags["mixcl.trial_key"] for t in done]
+    assert len(keys) == len(set(keys)) == 4  # one finished run per trial, no duplicates
+    for t in done:
+        if t.info.run_id in first_done:  # finished before the kill: not run again
             assert t.info.end_time == first_done[t.info.run_id]
-    assert len(_runs(client, "resume-test", "pretrain")) == 1
+    interrupted = [t for t in trials if t.info.status != "FINISHED"]
+    successors = {t.data.tags.get("mixcl.resumed_from"): t for t in done}
+    for t in interrupted:
+        assert t.info.status == "KILLED" and "mixcl.interrupted" in t.data.tags
+        assert (
+            successors[t.info.run_id].data.tags["mixcl.trial_key"] == t.data.tags["mixcl.trial_key"]
+        )
+    pretrains = _runs(client, "resume-test", "pretrain")
+    assert [p.info.status for p in pretrains].count("FINISHED") == 1
+    assert all(p.info.status in ("FINISHED", "KILLED") for p in pretrains)
 
 
 def test_unreachable_tracking_server_fails_before_compute(prepared_benchmark, tmp_path):
