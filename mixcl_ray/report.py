@@ -85,7 +85,7 @@ def render_table(summary: dict) -> str:
                 cells.append("-")
                 continue
             mean, std, n = summary[method][f]
-            cell = f"{mean:.3f} ± {std:.3f} (n={n})"
+            cell = f"{mean:.3f} ± {std:.3f} (n={n})" if n > 1 else f"{mean:.3f} (n=1)"
             if method != "scratch" and f in scratch:
                 gain = mean - scratch[f][0]
                 spread = max(std, scratch[f][1])

@@ -289,3 +289,20 @@ def test_non_finite_loss_names_term_and_step():
 def test_all_weights_zero_is_refused():
     with pytest.raises(ValueError, match="at least one"):
         MixCLLoss(LossConfig(l_id=0, l_label=0, l_rec=0))
+
+
+def test_label_consistency_alone_on_an_unlabelled_batch_still_backpropagates():
+    """A batch of unlabelled patches gives label consistency nothing to learn; the loss must
+    still be connected to the model (every DDP rank runs backward), with zero gradients."""
+    model = MixCLModel(ModelConfig(features=(4, 4, 8, 8, 16, 4), global_dim=8, dense_dim=8))
+    loss_fn = MixCLLoss(LossConfig(l_id=0, l_label=1, l_rec=0))
+    batch = _batch()
+    batch["label"] = torch.full_like(batch["label"], 255)
+    batch["annotated"] = torch.zeros_like(batch["annotated"])
+    out1 = model(torch.rand(2, 1, 32, 32, 32), heads=loss_fn.heads)
+    out2 = model(torch.rand(2, 1, 32, 32, 32), heads=loss_fn.heads)
+    terms = loss_fn(out1, out2, batch, generator=torch.Generator().manual_seed(0))
+    assert terms["loss"].item() == 0.0 and terms["loss"].requires_grad
+    terms["loss"].backward()
+    grads = [p.grad for p in model.dense_head.parameters()]
+    assert all(g is not None and not g.any() for g in grads)

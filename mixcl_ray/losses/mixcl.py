@@ -79,5 +79,13 @@ class MixCLLoss(nn.Module):
                     "rate, raise the temperature or check the input patches"
                 )
         weights = {"identity": c.l_id, "label": c.l_label, "reconstruction": c.l_rec}
-        terms["loss"] = sum(weights[name] * value for name, value in terms.items())
+        loss = sum(weights[name] * value for name, value in terms.items())
+        if not (torch.is_tensor(loss) and loss.requires_grad):
+            # nothing to learn from this batch (e.g. label consistency alone on a batch without
+            # labelled voxels): a zero still connected to the outputs, so that every DDP rank
+            # runs its backward pass and the gradients are zeros rather than missing
+            loss = loss + sum(
+                0.0 * v.sum() for v in (*out1.values(), *out2.values()) if v.requires_grad
+            )
+        terms["loss"] = loss
         return terms
