@@ -108,6 +108,8 @@ def pretrain_loop(loop_config: dict) -> None:
                 "resumed_from_epoch": start_epoch,  # > 0: this worker group restarted there
             }
         )
+        if device.type == "cuda":
+            metrics["train/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if rank == 0:
             history.append(metrics)
             state = training_state(

@@ -1,0 +1,35 @@
+"""What the benchmark scripts share: the parser with --data, the built-in benchmark prepared on
+first use, and the machine line every script prints first."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from pathlib import Path
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    out = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    out.add_argument("--data", type=Path, help="prepared folder (default: the built-in benchmark)")
+    return out
+
+
+def ensure_data(data: Path | None) -> Path:
+    """``data``, or the built-in benchmark prepared into the cache (as the demo study does)."""
+    if data is not None:
+        return Path(data).absolute()
+    from data_prep.cli import DEFAULT_CACHE, default_benchmark
+    from data_prep.prepare import prepare
+
+    out = DEFAULT_CACHE / "prepared-small-seed0"
+    prepare([default_benchmark()], out, progress=False)
+    return out
+
+
+def machine() -> str:
+    return (
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
+    )

@@ -1,0 +1,300 @@
+"""Data feeding: pre-training examples per second (positive/negative patch sampling, two views,
+Models-Genesis corruptions) of our Ray Data feed against the standard MONAI pipeline
+(CacheDataset + RandCropByPosNegLabeld + DataLoader with workers) on the same prepared cases,
+with the peak memory (PSS, summed over the whole process tree) of each, and a profile of where
+the per-patch time goes. Each pipeline runs in its own subprocess; every figure and ratio is
+measured in this run.
+
+    python benchmarks/feed_vs_monai.py [--data DIR] [--sizes 32 96] [--epochs 3] [--workers 2]
+
+The prepared folder defaults to the built-in benchmark (prepared on first use). The first epoch
+of each pipeline includes its one-off cost (reading and decoding for ours, CacheDataset's
+caching for MONAI) and is reported separately; throughput is over the later epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import common
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TreeMemory:
+    """Peak PSS of this process and all its descendants, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.5):
+        import psutil
+
+        self.root, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+            except Exception:  # a process that just ended
+                continue
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+def pretrain_config(size: int, patches_per_case: int) -> dict:
+    from mixcl_ray.train_config import load_config, to_dict
+
+    return to_dict(
+        load_config(
+            "pretrain",
+            overrides={"patches": {"patch_size": [size] * 3, "patches_per_case": patches_per_case}},
+        )
+    )
+
+
+def run_ray(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: int) -> dict:
+    """Our feed: Ray Data tasks sample and augment, the consumer iterates batches."""
+    import ray
+
+    from mixcl_ray.feed import build_pretrain_dataset
+    from mixcl_ray.pretrain import init_ray
+
+    ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING")
+    init_ray()
+    config = pretrain_config(size, ppc)
+    config["patches"]["cpus_per_data_task"] = 1.0  # one task per core, as MONAI's workers
+    times, counts = [], []
+    with TreeMemory() as memory:
+        start = time.perf_counter()
+        ds = build_pretrain_dataset(data, config)  # reads, decodes, materialises the cases
+        for _ in range(epochs):
+            n = 0
+            for b in ds.iter_batches(batch_size=batch, batch_format="numpy", drop_last=False):
+                n += len(b["input1"])
+            times.append(time.perf_counter() - start)
+            counts.append(n)
+            start = time.perf_counter()
+    ray.shutdown()
+    return {"epoch_seconds": times, "patches": counts, "peak_pss": memory.peak}
+
+
+class TwoViews:
+    """MONAI-style dict transform: one cropped patch -> our two-view example (same functions
+    as the Ray feed, so both pipelines do the same augmentation work)."""
+
+    def __init__(self, config: dict):
+        from mixcl_ray.train_config import PretrainConfig, from_dict
+
+        self.cfg = from_dict(PretrainConfig, config)
+
+    def __call__(self, item: dict) -> dict:
+        from mixcl_ray.data.pairs import make_pretrain_example
+
+        rng = np.random.default_rng()
+        image = np.asarray(item["image"])[0]
+        label = np.asarray(item["label"])[0].astype(np.uint8)
+        return make_pretrain_example(image, label, rng, self.cfg.views, self.cfg.corruptions)
+
+
+def run_monai(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: int) -> dict:
+    """CacheDataset (decoded cases in memory) + RandCropByPosNegLabeld + our two views in the
+    DataLoader's worker processes."""
+    import torch
+    from monai.data import CacheDataset, DataLoader
+    from monai.transforms import Compose, EnsureChannelFirstd, Lambdad, RandCropByPosNegLabeld
+
+    from data_prep.reader import UNLABELLED, load_case
+    from mixcl_ray.feed import pretraining_cases
+
+    torch.set_num_threads(1)
+    ids, _ = pretraining_cases(data, 1.0, True)
+    config = pretrain_config(size, ppc)
+    times, counts = [], []
+    with TreeMemory() as memory:
+        start = time.perf_counter()
+        items = []
+        for case_id in ids:
+            case = load_case(data, case_id)
+            items.append({"image": case["image"], "label": case["label"]})
+        transform = Compose(
+            [
+                EnsureChannelFirstd(["image", "label"], channel_dim="no_channel"),
+                # unlabelled voxels are not foreground for the crop centres
+                Lambdad("label", lambda x: np.where(np.asarray(x) == UNLABELLED, 0, x)),
+                RandCropByPosNegLabeld(
+                    ["image", "label"],
+                    label_key="label",
+                    spatial_size=(size,) * 3,
+                    pos=1,
+                    neg=1,
+                    num_samples=ppc,
+                    allow_smaller=True,
+                ),
+                TwoViews(config),
+            ]
+        )
+        dataset = CacheDataset(items, transform, num_workers=workers, progress=False)
+        del items
+        loader = DataLoader(
+            dataset,
+            batch_size=max(1, batch // ppc),
+            shuffle=True,
+            num_workers=workers,
+            persistent_workers=True,
+        )
+        for _ in range(epochs):
+            n = 0
+            for b in loader:
+                n += len(b["input1"])
+            times.append(time.perf_counter() - start)
+            counts.append(n)
+            start = time.perf_counter()
+        del loader
+    return {"epoch_seconds": times, "patches": counts, "peak_pss": memory.peak}
+
+
+def profile(data: Path, size: int, ppc: int, cases: int = 6) -> dict:
+    """Where a patch's time goes: sampling/cropping, views, corruptions (in one process)."""
+    from data_prep.reader import load_case
+    from mixcl_ray.data.corruptions import corrupt
+    from mixcl_ray.data.patches import sample_patches
+    from mixcl_ray.data.views import apply_spatial, augment_intensity, random_spatial
+    from mixcl_ray.feed import pretraining_cases
+    from mixcl_ray.train_config import PretrainConfig, from_dict
+
+    cfg = from_dict(PretrainConfig, pretrain_config(size, ppc))
+    ids, _ = pretraining_cases(data, 1.0, True)
+    rng = np.random.default_rng(0)
+    spent = {"decode case": 0.0, "sample + crop": 0.0, "two views": 0.0, "corruptions": 0.0}
+    n = 0
+    for case_id in ids[:cases]:
+        t = time.perf_counter()
+        case = load_case(data, case_id)
+        spent["decode case"] += time.perf_counter() - t
+        t = time.perf_counter()
+        images, _ = sample_patches(case["image"], case["label"], (size,) * 3, ppc, rng)
+        spent["sample + crop"] += time.perf_counter() - t
+        for image in images:
+            for _ in range(2):
+                t = time.perf_counter()
+                flips, rot = random_spatial(rng, cfg.views)
+                clean = augment_intensity(apply_spatial(image[None], flips, rot), rng, cfg.views)
+                spent["two views"] += time.perf_counter() - t
+                t = time.perf_counter()
+                corrupt(clean, rng, cfg.corruptions)
+                spent["corruptions"] += time.perf_counter() - t
+            n += 1
+    total = sum(spent.values())
+    return {k: {"ms_per_patch": 1000 * v / n, "share": v / total} for k, v in spent.items()}
+
+
+def _child(args) -> None:
+    fn = {"ray": run_ray, "monai": run_monai}[args.child]
+    out = fn(args.data, args.size, args.epochs, args.workers, args.patches_per_case, args.batch)
+    print("RESULT " + json.dumps(out))
+
+
+def _spawn(args, which: str, size: int) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        "--data",
+        str(args.data),
+        "--size",
+        str(size),
+        "--epochs",
+        str(args.epochs),
+        "--workers",
+        str(args.workers),
+        "--patches-per-case",
+        str(args.patches_per_case),
+        "--batch",
+        str(args.batch),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        raise RuntimeError(
+            f"{which} at {size}^3 failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+        )
+    return json.loads(line[-1][7:])
+
+
+def _rate(result: dict) -> float:
+    later = result["epoch_seconds"][1:] or result["epoch_seconds"]
+    count = result["patches"][1:] or result["patches"]
+    return sum(count) / sum(later)
+
+
+def main(argv=None) -> int:
+    parser = common.parser(__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 96])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="CPUs for each pipeline")
+    parser.add_argument("--patches-per-case", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--child", choices=["ray", "monai"], help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args)
+        return 0
+    args.data = common.ensure_data(args.data).absolute()
+    print(
+        f"{common.machine()}; {args.workers} CPUs per pipeline, {args.epochs} epochs, {args.patches_per_case} patches "
+        f"per case, data {args.data}"
+    )
+    print(
+        "| patch | pipeline | first epoch s | patches/s (later epochs) | peak PSS GiB | vs MONAI |"
+    )
+    print("|---|---|---|---|---|---|")
+    summary = {}
+    for size in args.sizes:
+        monai = _spawn(args, "monai", size)
+        ours = _spawn(args, "ray", size)
+        for name, r in (("MONAI CacheDataset+DataLoader", monai), ("mixcl_ray Ray Data", ours)):
+            ratio = _rate(r) / _rate(monai)
+            print(
+                f"| {size}^3 | {name} | {r['epoch_seconds'][0]:.1f} | {_rate(r):.1f} | "
+                f"{r['peak_pss'] / 2**30:.2f} | {ratio:.2f}x |"
+            )
+        summary[size] = {
+            "throughput_ratio": _rate(ours) / _rate(monai),
+            "memory_ratio": ours["peak_pss"] / monai["peak_pss"],
+        }
+    for size in args.sizes:
+        print(f"\nwhere a {size}^3 patch's time goes (one process, no pipeline):")
+        for step, v in profile(args.data, size, args.patches_per_case).items():
+            print(f"  {step:14s} {v['ms_per_patch']:8.2f} ms/patch  {100 * v['share']:5.1f} %")
+    print("\nsummary: " + json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""The Ray-based benchmark scripts run end to end at smoke sizes on the test benchmark (each
+starts its own local Ray, so the session's instance is paused). Figures are printed, not
+asserted: the tables must be complete and every ratio finite."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_paused")]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: int = 900) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _ratios(out: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\| ([0-9.]+|nan|inf)x \|", out)]
+
+
+def test_feed_benchmark_smoke(prepared_benchmark):
+    out = _run(
+        "feed_vs_monai.py",
+        "--data",
+        str(prepared_benchmark),
+        "--sizes",
+        "32",
+        "--epochs",
+        "2",
+        "--patches-per-case",
+        "1",
+    )
+    assert "machine:" in out and "mixcl_ray Ray Data" in out and "MONAI CacheDataset" in out
+    ratios = _ratios(out)
+    assert len(ratios) == 2 and ratios[0] == 1.0 and all(math.isfinite(r) and r > 0 for r in ratios)
+    for step in ("sample + crop", "two views", "corruptions"):
+        assert step in out
+
+
+def test_training_overhead_benchmark_smoke(prepared_benchmark):
+    out = _run(
+        "train_overhead.py",
+        "--data",
+        str(prepared_benchmark),
+        "--epochs",
+        "2",
+        "--patches-per-case",
+        "1",
+    )
+    assert "plain PyTorch" in out and "mixcl_ray Ray Train" in out and "data-wait share" in out
+    ratios = _ratios(out)
+    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
+
+
+def test_gpu_benchmark_runs_as_a_cpu_smoke_test(prepared_benchmark):
+    out = _run("gpu_pretrain.py", "--smoke", "--data", str(prepared_benchmark))
+    assert "CPU smoke run" in out
+    for backbone in ("unet", "swinunetr"):
+        assert f"| {backbone} |" in out
+    ratios = _ratios(out)
+    assert len(ratios) == 4 and all(math.isfinite(r) and r > 0 for r in ratios)
