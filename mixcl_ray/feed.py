@@ -162,25 +162,26 @@ def _finetune_case(row: dict, lut: np.ndarray) -> dict:
     return {"case_id": row["case_id"], "image": row["image"], "label": lut[row["label"]]}
 
 
-def _segmentation_examples(
-    batch: dict, patch: dict, seed: int, repeats: int, epoch_offset: int
-) -> dict:
+CHUNK = 8  # patches per output block: the consumer starts on a case's first patches early
+
+
+def _segmentation_examples(batch: dict, patch: dict, seed: int, repeats: int, epoch_offset: int):
+    """One case -> patches_per_case x repeats (image, label) patches, yielded in blocks of at
+    most CHUNK so that Ray Data streams them: with a small label fraction there are only a
+    few cases, and one large block per case kept the workers waiting for whole cases."""
     from mixcl_ray.train_config import PatchConfig, from_dict
 
     p = from_dict(PatchConfig, patch)
     case_id = str(_one(batch, "case_id"))
     rng = case_rng(seed, case_id, epoch_index() + epoch_offset)
-    images, labels = sample_patches(
-        _one(batch, "image"),
-        _one(batch, "label"),
-        p.patch_size,
-        p.patches_per_case * repeats,
-        rng,
-        p.pos,
-        p.neg,
-    )
-    # no mirroring: left and right tell spleen from liver, and a 32^3 patch sees little else
-    return {"image": images[:, None], "label": labels[:, None]}
+    image, label = _one(batch, "image"), _one(batch, "label")
+    total = p.patches_per_case * repeats
+    for start in range(0, total, CHUNK):
+        images, labels = sample_patches(
+            image, label, p.patch_size, min(CHUNK, total - start), rng, p.pos, p.neg
+        )
+        # no mirroring: left and right tell spleen from liver, and a 32^3 patch sees little else
+        yield {"image": images[:, None], "label": labels[:, None]}
 
 
 def finetune_case_ids(data_dir, label_fraction: float, source: str | None = None) -> list[str]:

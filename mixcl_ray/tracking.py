@@ -134,8 +134,8 @@ def start_run(
     runs. Returns its id.
 
     A finished run is reused as it is. An unfinished one (its driver or trial was lost) is
-    continued when ``continue_interrupted``; otherwise it is closed as KILLED with the tag
-    ``mixcl.interrupted`` and a new run, tagged ``mixcl.resumed_from`` with its id, takes over
+    continued when ``continue_interrupted``; otherwise it is tagged ``mixcl.interrupted``
+    (and closed as KILLED if it was still RUNNING: its driver was lost) and a new run, tagged ``mixcl.resumed_from`` with its id, takes over
     (the trial runs: the new attempt's metrics then start where its checkpoint did)."""
     client = _client(uri)
     all_tags = dict(tags)
@@ -147,7 +147,8 @@ def start_run(
                 client.update_run(run_id, status="RUNNING")
                 return run_id
             client.set_tag(run_id, INTERRUPTED_TAG, "interrupted; resumed in a new run")
-            client.set_terminated(run_id, status="KILLED")
+            if run.info.status == "RUNNING":  # lost with its driver; FAILED ones stay FAILED
+                client.set_terminated(run_id, status="KILLED")
             all_tags[RESUMED_TAG] = run_id
     if parent_id:
         all_tags[PARENT_TAG] = parent_id
