@@ -84,7 +84,7 @@ def run_ray(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: i
     ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING")
     init_ray()
     config = pretrain_config(size, ppc)
-    config["patches"]["cpus_per_data_task"] = 1.0  # one task per core, as MONAI's workers
+    config["patches"]["cpus_per_data_task"] = float(os.environ.get("FEED_TASK_CPUS", "1.0"))
     times, counts = [], []
     with TreeMemory() as memory:
         start = time.perf_counter()
@@ -123,7 +123,13 @@ def run_monai(data: Path, size: int, epochs: int, workers: int, ppc: int, batch:
     DataLoader's worker processes."""
     import torch
     from monai.data import CacheDataset, DataLoader
-    from monai.transforms import Compose, EnsureChannelFirstd, Lambdad, RandCropByPosNegLabeld
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        Lambdad,
+        RandCropByPosNegLabeld,
+        SpatialPadd,
+    )
 
     from data_prep.reader import UNLABELLED, load_case
     from mixcl_ray.feed import pretraining_cases
@@ -143,6 +149,8 @@ def run_monai(data: Path, size: int, epochs: int, workers: int, ppc: int, batch:
                 EnsureChannelFirstd(["image", "label"], channel_dim="no_channel"),
                 # unlabelled voxels are not foreground for the crop centres
                 Lambdad("label", lambda x: np.where(np.asarray(x) == UNLABELLED, 0, x)),
+                # volumes smaller than a patch are padded, as our sampler pads its crops
+                SpatialPadd(["image", "label"], spatial_size=(size,) * 3),
                 RandCropByPosNegLabeld(
                     ["image", "label"],
                     label_key="label",
@@ -150,7 +158,6 @@ def run_monai(data: Path, size: int, epochs: int, workers: int, ppc: int, batch:
                     pos=1,
                     neg=1,
                     num_samples=ppc,
-                    allow_smaller=True,
                 ),
                 TwoViews(config),
             ]

@@ -64,7 +64,13 @@ def plain_monai(data: Path, over: dict, smoke: bool) -> dict:
     import torch
     from feed_vs_monai import TwoViews
     from monai.data import CacheDataset, DataLoader
-    from monai.transforms import Compose, EnsureChannelFirstd, Lambdad, RandCropByPosNegLabeld
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        Lambdad,
+        RandCropByPosNegLabeld,
+        SpatialPadd,
+    )
 
     from data_prep.reader import UNLABELLED, load_case
     from mixcl_ray.feed import pretraining_cases
@@ -84,12 +90,12 @@ def plain_monai(data: Path, over: dict, smoke: bool) -> dict:
         [
             EnsureChannelFirstd(["image", "label"], channel_dim="no_channel"),
             Lambdad("label", lambda x: x * (x != UNLABELLED)),
+            SpatialPadd(["image", "label"], spatial_size=size),
             RandCropByPosNegLabeld(
                 ["image", "label"],
                 "label",
                 size,
                 num_samples=config.patches.patches_per_case,
-                allow_smaller=True,
             ),
             TwoViews(to_dict(config)),
         ]
