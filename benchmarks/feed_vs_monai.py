@@ -115,7 +115,20 @@ class TwoViews:
         rng = np.random.default_rng()
         image = np.asarray(item["image"])[0]
         label = np.asarray(item["label"])[0].astype(np.uint8)
-        return make_pretrain_example(image, label, rng, self.cfg.views, self.cfg.corruptions)
+        example = make_pretrain_example(image, label, rng, self.cfg.views, self.cfg.corruptions)
+        example["annotated"] = np.asarray(item["annotated"])
+        return example
+
+
+def monai_items(data: Path) -> list[dict]:
+    """The pre-training cases as MONAI dict items (image, label, annotated classes), with the
+    labels a pre-training run may use, as the Ray feed prepares them."""
+    from data_prep.reader import load_case, read_manifest
+    from mixcl_ray.feed import _pretrain_case, pretraining_cases
+
+    ids, labelled = pretraining_cases(data, 1.0, True)
+    classes = len(read_manifest(data)["class_map"])
+    return [_pretrain_case(load_case(data, i), frozenset(labelled), classes) for i in ids]
 
 
 def run_monai(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: int) -> dict:
@@ -131,19 +144,14 @@ def run_monai(data: Path, size: int, epochs: int, workers: int, ppc: int, batch:
         SpatialPadd,
     )
 
-    from data_prep.reader import UNLABELLED, load_case
-    from mixcl_ray.feed import pretraining_cases
+    from data_prep.reader import UNLABELLED
 
     torch.set_num_threads(1)
-    ids, _ = pretraining_cases(data, 1.0, True)
     config = pretrain_config(size, ppc)
     times, counts = [], []
     with TreeMemory() as memory:
         start = time.perf_counter()
-        items = []
-        for case_id in ids:
-            case = load_case(data, case_id)
-            items.append({"image": case["image"], "label": case["label"]})
+        items = monai_items(data)
         transform = Compose(
             [
                 EnsureChannelFirstd(["image", "label"], channel_dim="no_channel"),

@@ -80,7 +80,7 @@ def ray_train(data: Path, overrides: dict, storage: Path) -> tuple[float, float,
     from mixcl_ray.pretrain import init_ray, run_pretraining
     from mixcl_ray.train_config import load_config
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=os.cpu_count(), logging_level="WARNING")  # Train wants the dashboard
     init_ray()
     config = load_config("pretrain", overrides=overrides)
     result = run_pretraining(data, storage, config, name="overhead")

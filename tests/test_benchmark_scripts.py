@@ -70,8 +70,6 @@ def test_training_overhead_benchmark_smoke(prepared_benchmark):
 
 def test_gpu_benchmark_runs_as_a_cpu_smoke_test(prepared_benchmark):
     out = _run("gpu_pretrain.py", "--smoke", "--data", str(prepared_benchmark))
-    assert "CPU smoke run" in out
-    for backbone in ("unet", "swinunetr"):
-        assert f"| {backbone} |" in out
+    assert "CPU smoke run" in out and "| unet | 32^3 | mixcl_ray Ray Train |" in out
     ratios = _ratios(out)
-    assert len(ratios) == 4 and all(math.isfinite(r) and r > 0 for r in ratios)
+    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
