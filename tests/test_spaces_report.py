@@ -153,3 +153,22 @@ def test_secrets_never_become_params():
         "p@ss",
     )
     assert tracking.split_credentials("sqlite:////tmp/a@b/mlflow.db")[1] is None
+
+
+def test_optuna_search_samples_the_space_and_tune_keeps_the_constants():
+    """``search: optuna`` (needs ``pip install optuna``): grids become choices, the searcher
+    samples every distribution, and Tune merges the constants back into each trial's config."""
+    pytest.importorskip("optuna")
+    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.search_generator import merge_dicts
+
+    spec = load_space("search")
+    space = to_tune_space({**spec.space, "seed": {"grid": [0, 1]}}, "optuna")
+    searcher = OptunaSearch(metric=spec.metric, mode=spec.mode)
+    assert searcher.set_search_properties(spec.metric, spec.mode, space)
+    for trial in ("a", "b"):
+        config = merge_dicts(space, searcher.suggest(trial))
+        assert config["method"] == "mixcl" and config["label_fraction"] == 0.05
+        assert config["seed"] in (0, 1) and 0.05 <= config["temperature_id"] <= 0.5
+        assert 0.0 <= config["l_rec"] <= 2.0
+        searcher.on_trial_complete(trial, {spec.metric: 0.5})
