@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from data_prep import locations
 from data_prep.errors import DataPrepError
 from data_prep.preprocess import PRESETS
 
@@ -82,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument(
         "--out",
-        type=Path,
-        default=Path("data/prepared"),
-        help="output folder (default: data/prepared)",
+        default="data/prepared",
+        help="output folder or object-store URI such as s3://bucket/prepared (default: "
+        "data/prepared); a URI is staged on local disk and uploaded when every case is written",
     )
     prep.add_argument(
         "--preset",
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ins = sub.add_parser("inspect", help="summarise a prepared folder")
-    ins.add_argument("out", type=Path)
+    ins.add_argument("out", help="prepared folder or object-store URI")
     return parser
 
 
@@ -159,7 +160,9 @@ def _prepare(args: argparse.Namespace) -> int:
             ray.shutdown()
     seconds = time.perf_counter() - start
     if result.reused:
-        print(f"{result.out} is up to date with its inputs: reused, nothing recomputed")
+        print(
+            f"{locations.describe(result.out)} is up to date with its inputs: reused, nothing recomputed"
+        )
     else:
         print(
             f"prepared {result.num_cases} cases in {seconds:.1f} s "
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             print(summarise(args.out))
             return 0
         return _prepare(args)
-    except (DataPrepError, ValueError) as err:
+    except (DataPrepError, ValueError, OSError) as err:  # OSError: an object store refused
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

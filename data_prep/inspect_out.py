@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+from data_prep import locations
 from data_prep.reader import read_manifest, read_splits
 
 
-def _disk_bytes(out: Path) -> int:
-    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+def _disk_bytes(out) -> int:
+    import pyarrow.fs as pafs
+
+    fs, path = locations.resolve(out)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
 
 
 def summarise(out: str | os.PathLike) -> str:
-    out = Path(out)
+    out = locations.as_location(out)
     manifest = read_manifest(out)
     splits = read_splits(out)
     cases = manifest["cases"]
     names = {v: k for k, v in manifest["class_map"].items()}
     lines = [
-        f"prepared folder: {out}",
+        f"prepared folder: {locations.describe(out)}",
         f"schema version {manifest['schema_version']}, created {manifest['created']}, "
         f"{len(cases)} cases, {_disk_bytes(out) / 1e6:.1f} MB on disk",
         f"preset: {manifest['preset']['name']}, spacing {manifest['spacing']} mm",

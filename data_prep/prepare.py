@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +24,7 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from data_prep import SCHEMA_VERSION
+from data_prep import SCHEMA_VERSION, locations
 from data_prep.errors import DataPrepError
 from data_prep.layouts import (
     CaseEntry,
@@ -36,7 +37,7 @@ from data_prep.preprocess import Preset, get_preset, preprocess_arrays
 from data_prep.reader import MANIFEST, SPLITS
 from data_prep.splits import LABEL_FRACTIONS, make_splits
 from data_prep.validate import read_case
-from data_prep.writer import ShardWriter, case_row
+from data_prep.writer import SHARD_DIR, ShardWriter, case_row
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,35 @@ def _swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_out(out: Path) -> None:
+def _upload(tmp: Path, out: str, shards: list[str]) -> None:
+    """Put a finished local output under an object-store prefix. The old manifest goes first
+    (readers then see "not prepared", never a mix), the new one last; old shards that the new
+    output does not name are removed at the end."""
+    import pyarrow.fs as pafs
+
+    fs, path = locations.resolve(out)
+    old = [f"{SHARD_DIR}/{n}" for n in locations.list_names(locations.join(out, SHARD_DIR))]
+    if MANIFEST in locations.list_names(out):
+        fs.delete_file(f"{path}/{MANIFEST}")
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(tmp / SHARD_DIR), f"{path}/{SHARD_DIR}", pafs.LocalFileSystem(), fs)
+    locations.write_bytes(locations.join(out, SPLITS), (tmp / SPLITS).read_bytes())
+    locations.write_bytes(locations.join(out, MANIFEST), (tmp / MANIFEST).read_bytes())
+    for name in old:
+        if name not in shards:
+            fs.delete_file(f"{path}/{name}")
+
+
+def _check_out(out) -> None:
+    if locations.is_remote(out):
+        names = locations.list_names(out)
+        if names and MANIFEST not in names and locations.exists(out):
+            raise DataPrepError(
+                "output prefix holds other objects and no manifest.json; refusing to write "
+                "into it: choose another --out",
+                path=locations.describe(out),
+            )
+        return
     if out.exists() and (
         not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())
     ):
@@ -254,7 +283,8 @@ def prepare(
     start = time.perf_counter()
     options = options or PrepareOptions()
     preset = get_preset(options.preset, options.spacing)
-    out = Path(out).absolute()
+    out = locations.as_location(out)
+    remote = locations.is_remote(out)
     folders, bench_target = expand_dataset_args(list(datasets))
     sources = [read_dataset(f) for f in folders]
     missing = check_corpus(sources)
@@ -270,9 +300,11 @@ def prepare(
     class_map = build_class_map(sources)
     fingerprint = input_fingerprint(sources, options, preset)
     _check_out(out)
-    if (out / MANIFEST).exists() and (out / SPLITS).exists():
+    if locations.exists(locations.join(out, MANIFEST)) and locations.exists(
+        locations.join(out, SPLITS)
+    ):
         try:
-            old = json.loads((out / MANIFEST).read_text())
+            old = json.loads(locations.read_text(locations.join(out, MANIFEST)))
         except (OSError, json.JSONDecodeError):
             old = {}
         if (
@@ -284,9 +316,12 @@ def prepare(
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", log_to_driver=False)
     max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    if remote:  # staged on local disk, uploaded once every case is written
+        tmp = Path(tempfile.mkdtemp(prefix="mixcl-prepare-"))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
     try:
         infos, input_bytes = {}, 0
         writer = ShardWriter(tmp, options.cases_per_shard)
@@ -337,10 +372,15 @@ def prepare(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (tmp / SPLITS).write_text(json.dumps(splits, indent=1))
-        _swap_in(tmp, out)
+        if remote:
+            _upload(tmp, out, writer.shards)
+        else:
+            _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if remote:
+        shutil.rmtree(tmp, ignore_errors=True)
     return PrepareResult(
         out, False, len(infos), manifest["skipped"], time.perf_counter() - start, input_bytes
     )

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from data_prep import SCHEMA_VERSION
+from data_prep import SCHEMA_VERSION, locations
 from data_prep.errors import DataPrepError
 from data_prep.splits import fraction_key
 
@@ -23,28 +22,30 @@ MANIFEST = "manifest.json"
 SPLITS = "splits.json"
 
 
-def _load(path: Path) -> dict:
-    if not path.exists():
+def _load(out: str | os.PathLike, name: str) -> dict:
+    try:
+        text = locations.read_text(locations.join(out, name))
+    except FileNotFoundError:
         raise DataPrepError(
-            f"{path.name} not found: is this the --out folder of `python -m data_prep prepare`?",
-            path=str(path.parent),
-        )
-    return json.loads(path.read_text())
+            f"{name} not found: is this the --out folder of `python -m data_prep prepare`?",
+            path=locations.describe(locations.as_location(out)),
+        ) from None
+    return json.loads(text)
 
 
 def read_manifest(out: str | os.PathLike) -> dict:
-    manifest = _load(Path(out) / MANIFEST)
+    manifest = _load(out, MANIFEST)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataPrepError(
             f"prepared with schema version {manifest.get('schema_version')}, this version reads "
             f"{SCHEMA_VERSION}: run `python -m data_prep prepare` again",
-            path=str(out),
+            path=locations.describe(out),
         )
     return manifest
 
 
 def read_splits(out: str | os.PathLike) -> dict:
-    return _load(Path(out) / SPLITS)
+    return _load(out, SPLITS)
 
 
 def select_case_ids(
@@ -108,9 +109,8 @@ def load_case(out: str | os.PathLike, case_id: str) -> dict:
     manifest = read_manifest(out)
     if case_id not in manifest["cases"]:
         raise KeyError(f"case '{case_id}' is not in {out}")
-    table = pq.read_table(
-        Path(out) / manifest["cases"][case_id]["shard"], filters=[("case_id", "=", case_id)]
-    )
+    fs, path = locations.resolve(locations.join(out, manifest["cases"][case_id]["shard"]))
+    table = pq.read_table(path, filesystem=fs, filters=[("case_id", "=", case_id)])
     return decode_case(table.to_pylist()[0])
 
 
@@ -145,6 +145,8 @@ def read_cases(
             f"no case selected in {out} (split={split}, label_fraction={label_fraction}, sources={sources})"
         )
     shards = sorted({manifest["cases"][i]["shard"] for i in ids})
-    ds = ray.data.read_parquet([str(Path(out).absolute() / s) for s in shards])
+    fs, _ = locations.resolve(out)
+    paths = [locations.resolve(locations.join(out, s))[1] for s in shards]
+    ds = ray.data.read_parquet(paths, filesystem=fs)
     ds = ds.filter(expr=col("case_id").is_in(ids))
     return ds.map(decode_case) if decode else ds

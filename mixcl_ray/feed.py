@@ -141,6 +141,28 @@ def spread_blocks(ds, cases: int):
     return ds.repartition(max(1, min(cases, 4 * cpus)))
 
 
+CACHE_SHARE = 0.25  # cache_cases "auto": the decoded cases' share of the object store
+
+
+def decoded_bytes(data_dir, ids) -> int:
+    """Bytes of the decoded volumes (float32 image + uint8 label) of these cases."""
+    cases = read_manifest(data_dir)["cases"]
+    return sum(5 * int(np.prod(cases[i]["shape"])) for i in ids)
+
+
+def should_cache(data_dir, ids, setting) -> bool:
+    """Whether to keep the decoded cases in the object store for the whole run. "auto" caches
+    a corpus that fills at most CACHE_SHARE of the object store and streams a larger one
+    (read and decoded again every epoch: peak memory stays flat as the corpus grows, instead of
+    spilling the cache to disk)."""
+    if setting != "auto":
+        return bool(setting)
+    import ray
+
+    store = ray.cluster_resources().get("object_store_memory", 0) if ray.is_initialized() else 0
+    return decoded_bytes(data_dir, ids) <= CACHE_SHARE * store
+
+
 def build_pretrain_dataset(data_dir, config: dict, epoch_offset: int = 0):
     """The Ray Dataset of pre-training examples of one epoch (re-executed every epoch)."""
     from mixcl_ray.train_config import PretrainConfig, from_dict
@@ -151,7 +173,7 @@ def build_pretrain_dataset(data_dir, config: dict, epoch_offset: int = 0):
     ds = read_cases(data_dir, case_ids=ids).map(
         partial(_pretrain_case, labelled=frozenset(labelled), num_classes=num_classes)
     )
-    if cfg.patches.cache_cases:
+    if should_cache(data_dir, ids, cfg.patches.cache_cases):
         ds = spread_blocks(ds, len(ids)).materialize()
     return ds.map_batches(
         partial(_pretrain_examples, config=config, epoch_offset=epoch_offset),
@@ -230,7 +252,7 @@ def build_finetune_dataset(data_dir, config: dict, epoch_offset: int = 0):
     per_epoch = len(ids) * cfg.patches.patches_per_case
     repeats = max(1, -(-cfg.min_patches_per_epoch // per_epoch))
     ds = finetune_cases(data_dir, config)
-    if cfg.patches.cache_cases:
+    if should_cache(data_dir, ids, cfg.patches.cache_cases):
         ds = spread_blocks(ds, len(ids)).materialize()
     return ds.map_batches(
         partial(

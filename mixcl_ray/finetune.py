@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep import locations
+from data_prep.locations import Location, describe
 from mixcl_ray.storage import ensure_writable
 from mixcl_ray.train_config import FinetuneConfig, from_dict, load_config, merge, to_dict
 
@@ -189,8 +191,8 @@ def _carry_best(folder: str, previous: str | None) -> None:
 
 @dataclass
 class FinetuneResult:
-    checkpoint: Path
-    best_model: Path
+    checkpoint: Location
+    best_model: Location
     metrics: dict
     history: list[dict]
     load_summary: str | None
@@ -223,11 +225,11 @@ def run_finetuning(
         raise ValueError(f"source {source} has no validation cases in splits.json")
     summary = None
     if pretrained is not None:
-        pretrained = Path(pretrained)
-        if pretrained.is_dir():
-            pretrained = pretrained / PRETRAINED_FILE
-        if not pretrained.exists():
-            raise FileNotFoundError(f"pre-trained weights not found: {pretrained}")
+        pretrained = locations.as_location(pretrained)
+        if not locations.is_file(pretrained):  # a pre-training checkpoint folder
+            pretrained = locations.join(pretrained, PRETRAINED_FILE)
+        if not locations.is_file(pretrained):
+            raise FileNotFoundError(f"pre-trained weights not found: {describe(pretrained)}")
         parts = ("encoder", "decoder") if config.load_decoder else ("encoder",)
         summary = load_pretrained(
             SegmentationNet(config.model, len(names)), pretrained, parts=parts
@@ -245,13 +247,13 @@ def run_finetuning(
     per_epoch = n_train * config.patches.patches_per_case
     per_epoch *= max(1, -(-config.min_patches_per_epoch // per_epoch))
     storage = ensure_writable(storage)
-    run_dir = storage / name
+    run_dir = locations.join(storage, name)
     dataset = build_finetune_dataset(data_dir, config_dict, epoch_offset=resume_epoch(run_dir))
     loop_config = {
         "config": config_dict,
         "class_names": names,
         "lut": lut.tolist(),
-        "data_dir": str(Path(data_dir).absolute()),
+        "data_dir": str(locations.as_location(data_dir)),
         "val_ids": splits["val"],
         "pretrained": str(pretrained) if pretrained else None,
         "steps_per_epoch": max(1, per_epoch // (config.patches.batch_size * workers)),
@@ -262,12 +264,14 @@ def run_finetuning(
         loop_config,
         config.scaling,
         per_worker,
-        run_dir.parent,
+        storage,
         name,
         callbacks,
         dataset,
     )
-    return FinetuneResult(folder, folder / BEST_FILE, metrics, history, summary, name)
+    return FinetuneResult(
+        folder, locations.join(folder, BEST_FILE), metrics, history, summary, name
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         "scratch or from pre-trained weights; validation Dice per organ with sliding-window inference.",
     )
     parser.add_argument(
-        "--data", required=True, type=Path, help="output folder of `python -m data_prep prepare`"
+        "--data",
+        required=True,
+        help="output folder (or object-store URI) of `python -m data_prep prepare`",
     )
     parser.add_argument(
         "--label-fraction",
@@ -286,10 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 0.05, 0.15 or 1 (from splits.json)",
     )
     parser.add_argument(
-        "--pretrained", type=Path, help="pretrained.pt or a pre-training checkpoint folder"
+        "--pretrained",
+        help="pretrained.pt or a pre-training checkpoint folder (a path or object-store URI)",
     )
     parser.add_argument(
-        "--storage", type=Path, default=Path("runs"), help="checkpoint folder (default: runs)"
+        "--storage",
+        default="runs",
+        help="checkpoint folder or object-store URI such as s3://bucket/runs (default: runs)",
     )
     parser.add_argument("--preset", choices=["cpu-tiny", "paper"], default="cpu-tiny")
     parser.add_argument("--config", type=Path, help="YAML overrides")
@@ -324,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_writable(args.storage)
         init_ray(args.address)
         result = run_finetuning(args.data, args.storage, config, args.pretrained, args.name)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: missing files, an object store refused
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result.load_summary:
@@ -335,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"fine-tuning {result.name} done: best validation Dice {m.get('val/best_dice_mean', float('nan')):.4f}, "
-        f"final {m.get('val/dice_mean', float('nan')):.4f}; best weights {result.best_model}"
+        f"final {m.get('val/dice_mean', float('nan')):.4f}; best weights {describe(result.best_model)}"
     )
     return 0
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from data_prep import locations
+from data_prep.locations import Location, describe
 from mixcl_ray.storage import ensure_writable
 from mixcl_ray.train_config import PretrainConfig, from_dict, load_config, to_dict
 
@@ -131,11 +133,11 @@ def pretrain_loop(loop_config: dict) -> None:
 
 @dataclass
 class PretrainResult:
-    checkpoint: Path  # folder of the last epoch's checkpoint (holds pretrained.pt)
-    pretrained: Path
+    checkpoint: Location  # folder (or URI) of the last epoch's checkpoint (holds pretrained.pt)
+    pretrained: Location
     metrics: dict
     history: list[dict]
-    storage: Path
+    storage: Location
     name: str
 
 
@@ -162,7 +164,7 @@ def run_pretraining(
     config_dict = to_dict(config)
     name = name or run_name("pretrain", config_dict, manifest["input_fingerprint"])
     storage = ensure_writable(storage)
-    run_dir = storage / name
+    run_dir = locations.join(storage, name)
     ids, _ = pretraining_cases(data_dir, config.pretrain_label_fraction, config.target_images)
     workers = config.scaling.workers
     per_worker = cpus_per_worker(config.scaling, ray.cluster_resources().get("CPU", 1))
@@ -179,7 +181,9 @@ def run_pretraining(
     folder, metrics, history = fit_stage(
         pretrain_loop, loop_config, config.scaling, per_worker, storage, name, callbacks, dataset
     )
-    return PretrainResult(folder, folder / PRETRAINED_FILE, metrics, history, storage, name)
+    return PretrainResult(
+        folder, locations.join(folder, PRETRAINED_FILE), metrics, history, storage, name
+    )
 
 
 def init_ray(address: str | None = None) -> None:
@@ -205,10 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
         "command with the same --storage resumes an interrupted run.",
     )
     parser.add_argument(
-        "--data", required=True, type=Path, help="output folder of `python -m data_prep prepare`"
+        "--data",
+        required=True,
+        help="output folder (or object-store URI) of `python -m data_prep prepare`",
     )
     parser.add_argument(
-        "--storage", required=True, type=Path, help="folder for checkpoints (shared on a cluster)"
+        "--storage",
+        required=True,
+        help="folder for checkpoints: local, a filesystem every node mounts, or an object-store "
+        "URI such as s3://bucket/runs",
     )
     parser.add_argument("--preset", choices=["cpu-tiny", "paper"], default="cpu-tiny")
     parser.add_argument(
@@ -257,15 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         ensure_writable(args.storage)
         init_ray(args.address)
         result = run_pretraining(args.data, args.storage, config, args.name)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: missing files, an object store refused
         print(f"error: {err}", file=sys.stderr)
         return 2
     m = result.metrics
     print(
         json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}, indent=1)
     )
-    print(f"pre-training {result.name} done: final checkpoint {result.checkpoint}")
-    print(f"pre-trained weights for fine-tuning: {result.pretrained}")
+    print(f"pre-training {result.name} done: final checkpoint {describe(result.checkpoint)}")
+    print(f"pre-trained weights for fine-tuning: {describe(result.pretrained)}")
     return 0
 
 

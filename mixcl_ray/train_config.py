@@ -29,7 +29,10 @@ class PatchConfig:
     pos: float = 1.0  # foreground : background patch centres, as RandCropByPosNegLabeld
     neg: float = 1.0
     batch_size: int = 4  # per worker
-    cache_cases: bool = True  # decode the volumes once into the object store
+    # decode the volumes once into the object store (True), read and decode them every epoch
+    # (False, memory bounded whatever the corpus), or "auto": cache when the decoded cases fill
+    # at most CACHE_SHARE of the cluster's object store
+    cache_cases: bool | str = "auto"
     shuffle_buffer: int = 32  # patches mixed across cases before batching
     cpus_per_data_task: float = 0.5
 
@@ -47,6 +50,10 @@ class PatchConfig:
             "pos/neg must be >= 0, not both 0",
         )
         _check(self.cpus_per_data_task > 0, "cpus_per_data_task must be > 0")
+        _check(
+            self.cache_cases in (True, False, "auto"),
+            f"cache_cases must be true, false or auto, got {self.cache_cases!r}",
+        )
 
 
 @dataclass(frozen=True)

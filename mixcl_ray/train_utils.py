@@ -140,12 +140,15 @@ def run_name(stage: str, config: dict, data_fingerprint: str) -> str:
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def resume_epoch(run_dir: Path) -> int:
-    """Next epoch of an interrupted run in ``run_dir`` (0 when nothing is there)."""
+def resume_epoch(run_dir) -> int:
+    """Next epoch of an interrupted run in ``run_dir`` (a folder or object-store URI; 0 when
+    nothing is there)."""
+    from data_prep import locations
+
     epochs = [
-        int(p.name.split("_")[1])
-        for p in Path(run_dir).glob("epoch_*")
-        if (p / STATE_FILE).exists()
+        int(name.split("_")[1])
+        for name in locations.list_names(run_dir)
+        if name.startswith("epoch_") and locations.exists(locations.join(run_dir, name, STATE_FILE))
     ]
     return max(epochs) + 1 if epochs else 0
 
@@ -155,12 +158,13 @@ def fit_stage(
     loop_config: dict,
     scaling: ScalingSettings,
     per_worker_cpus: float,
-    storage: Path,
+    storage,
     name: str,
     callbacks,
     dataset,
-) -> tuple[Path, dict, list[dict]]:
+) -> tuple:
     """Run one Ray Train stage; returns (last checkpoint folder, last metrics, epoch history).
+    ``storage`` may be an object-store URI; the folder returned is then a URI too.
 
     Re-running with the same storage and name resumes from the last checkpoint; a worker
     failure restarts the group from it (``scaling.max_failures`` times)."""
@@ -188,6 +192,9 @@ def fit_stage(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{name} finished without a checkpoint: {result.error}")
-    folder = Path(result.checkpoint.path)
-    history = load_checkpoint_state(folder)["extra"].get("history", [])
+    from data_prep import locations
+
+    folder = locations.join(storage, name, Path(result.checkpoint.path).name)
+    with result.checkpoint.as_directory() as local:
+        history = load_checkpoint_state(local)["extra"].get("history", [])
     return folder, dict(result.metrics or {}), history

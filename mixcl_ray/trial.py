@@ -16,8 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep import locations
+from data_prep.locations import describe, open_for_torch
 from mixcl_ray import tracking
 from mixcl_ray.config import METHODS
+from mixcl_ray.storage import local_scratch
 
 DONE = "DONE.json"
 
@@ -88,13 +91,17 @@ def cached_pretraining(pre_cfg, ctx: dict) -> tuple[Path, str, bool]:
     from mixcl_ray.train_utils import run_name
 
     key = run_name("pretrain", to_dict(pre_cfg), ctx["fingerprint"])
-    cache = Path(ctx["storage"]) / "pretrain_cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f"{key}.lock", "w") as lock:
+    cache = locations.join(ctx["storage"], "pretrain_cache")
+    # the lock is a local file: beside the cache on a shared filesystem; on this node only when
+    # the cache is in an object store (trials of the same key on two nodes may then both train)
+    locks = local_scratch(ctx["storage"], "pretrain_cache")
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent trial with the same key waits here
-        done = cache / key / DONE
-        if done.exists():
-            return Path(json.loads(done.read_text())["pretrained"]), key, True
+        done = locations.join(cache, key, DONE)
+        if locations.exists(done):
+            cached = json.loads(locations.read_text(done))["pretrained"]
+            return locations.as_location(cached), key, True
         run_id = tracking.start_run(
             ctx["uri"],
             ctx["experiment_id"],
@@ -118,22 +125,23 @@ def cached_pretraining(pre_cfg, ctx: dict) -> tuple[Path, str, bool]:
             name=key,
             callbacks=[tracking.EpochMetricsCallback(ctx["uri"], run_id)],
         )
-        tracking.set_tags(ctx["uri"], run_id, {"checkpoint": str(result.checkpoint)})
+        tracking.set_tags(ctx["uri"], run_id, {"checkpoint": describe(result.checkpoint)})
         tracking.end_run(ctx["uri"], run_id)
-        done.write_text(
+        locations.write_text(
+            done,
             json.dumps(
                 {
                     "pretrained": str(result.pretrained),
                     "checkpoint": str(result.checkpoint),
                     "run_id": run_id,
                 }
-            )
+            ),
         )
         return result.pretrained, key, False
 
 
 def test_scores(
-    data_dir, ft_cfg, best_model: Path, out_dir: Path, overlays: int = 3
+    data_dir, ft_cfg, best_model, out_dir: Path, overlays: int = 3
 ) -> tuple[dict, list[Path]]:
     """Test-split Dice of the best weights (``test/dice_mean``, ``test/dice/<organ>``) and a few
     overlay PNGs (image / ground truth / prediction)."""
@@ -153,7 +161,8 @@ def test_scores(
         or read_splits(data_dir)["sources"][source]["val"]
     )
     model = SegmentationNet(ft_cfg.model, len(names))
-    model.load_state_dict(torch.load(best_model, map_location="cpu", weights_only=True)["model"])
+    weights = torch.load(open_for_torch(best_model), map_location="cpu", weights_only=True)
+    model.load_state_dict(weights["model"])
     cases = [dict(c, label=lut[c["label"]]) for c in (load_case(data_dir, i) for i in ids)]
     device = torch.device("cpu")
     per_case = _validate(
@@ -247,11 +256,13 @@ def run_trial(config: dict, sweep: dict) -> None:
             pretrained, cache_key, reused = cached_pretraining(pre_cfg, ctx)
             tracking.log_params(uri, run_id, {"pretrain_cache_key": cache_key})
             tracking.set_tags(
-                uri, run_id, {"pretrain_reused": reused, "pretrained_weights": pretrained}
+                uri,
+                run_id,
+                {"pretrain_reused": reused, "pretrained_weights": describe(pretrained)},
             )
         result = run_finetuning(
             ctx["data"],
-            Path(ctx["storage"]) / "finetune",
+            locations.join(ctx["storage"], "finetune"),
             ft_cfg,
             pretrained=pretrained,
             name=f"finetune-{key}",
@@ -277,7 +288,10 @@ def run_trial(config: dict, sweep: dict) -> None:
         tracking.set_tags(
             uri,
             run_id,
-            {"best_checkpoint": result.best_model, "load_report": result.load_summary or ""},
+            {
+                "best_checkpoint": describe(result.best_model),
+                "load_report": result.load_summary or "",
+            },
         )
         tracking.end_run(uri, run_id, "FINISHED")
     except BaseException:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
+from data_prep import locations
+from data_prep.locations import Location, describe
 from mixcl_ray import tracking
 from mixcl_ray.spaces import SpaceError, load_space, to_tune_space
 from mixcl_ray.storage import ensure_writable
@@ -22,16 +26,19 @@ from mixcl_ray.storage import ensure_writable
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "demo.yaml"
 
 
-def resolve_data(spec_data: str | None, data: Path | None) -> Path:
-    """--data, else the space's data, else the built-in benchmark prepared into the cache."""
+def resolve_data(spec_data: str | None, data) -> Location:
+    """--data, else the space's data, else the built-in benchmark prepared into the cache. A
+    folder or an object-store URI."""
     from data_prep.cli import DEFAULT_CACHE, default_benchmark
     from data_prep.prepare import prepare
 
-    chosen = data or (Path(spec_data) if spec_data else None)
+    chosen = data or spec_data
     if chosen is not None:
-        if not (chosen / "manifest.json").exists():
+        chosen = locations.as_location(chosen)
+        if not locations.exists(locations.join(chosen, "manifest.json")):
             raise ValueError(
-                f"{chosen} is not a prepared folder: run `python -m data_prep prepare --out {chosen}` first"
+                f"{describe(chosen)} is not a prepared folder: run `python -m data_prep prepare "
+                f"--out {describe(chosen)}` first"
             )
         return chosen
     out = DEFAULT_CACHE / "prepared-small-seed0"
@@ -64,15 +71,15 @@ def make_scheduler(spec):
     )
 
 
-def _sweep_state(storage: Path, space_name: str) -> Path:
-    return storage / "tune" / f"{space_name}.latest.json"
+def _sweep_state(storage: Location, space_name: str) -> Location:
+    return locations.join(storage, "tune", f"{space_name}.latest.json")
 
 
 def run_sweep(
     space_path,
     *,
-    data: Path | None = None,
-    storage: Path = Path("runs"),
+    data: str | Path | None = None,
+    storage: str | Path = Path("runs"),
     num_samples: int | None = None,
     resume: bool = False,
     tracking_uri: str | None = None,
@@ -89,18 +96,29 @@ def run_sweep(
 
     spec = load_space(space_path)
     storage = ensure_writable(storage)
+    remote = locations.is_remote(storage)
+    if remote and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise ValueError(
+            f"--storage {describe(storage)} is an object store, which cannot hold the default "
+            "SQLite tracking database: pass --tracking-uri (a tracking server, or "
+            "sqlite:///a/local/mlflow.db) or set MLFLOW_TRACKING_URI"
+        )
     uri = tracking_uri or tracking.default_tracking_uri(storage)
     tracking.check_reachable(uri)  # before any compute
-    data_dir = resolve_data(spec.data, data).absolute()
+    data_dir = resolve_data(spec.data, data)
     manifest = read_manifest(data_dir)
     state_file = _sweep_state(storage, spec.name)
     if resume:
-        if not state_file.exists():
-            raise ValueError(f"nothing to resume: no earlier sweep of {spec.name} in {storage}")
-        state = json.loads(state_file.read_text())
+        if not locations.exists(state_file):
+            raise ValueError(
+                f"nothing to resume: no earlier sweep of {spec.name} in {describe(storage)}"
+            )
+        state = json.loads(locations.read_text(state_file))
     else:
         state = {"name": f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"}
-    experiment_id = tracking.ensure_experiment(uri, spec.experiment, storage / "mlartifacts")
+    experiment_id = tracking.ensure_experiment(
+        uri, spec.experiment, None if remote else storage / "mlartifacts"
+    )
     parent_id = tracking.start_run(
         uri,
         experiment_id,
@@ -118,14 +136,13 @@ def run_sweep(
         reuse_tag=("mixcl.sweep", state["name"]),
     )
     state["parent_run_id"] = parent_id
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps(state))
-    for artifact in (
-        Path(space_path) if Path(space_path).exists() else None,
-        data_dir / "manifest.json",
-        data_dir / "splits.json",
-    ):
-        if artifact is not None:
+    locations.write_text(state_file, json.dumps(state))
+    with tempfile.TemporaryDirectory(prefix="mixcl-sweep-") as tmp:
+        artifacts = [Path(space_path)] if Path(space_path).exists() else []
+        for name in ("manifest.json", "splits.json"):  # local copies: the data may be remote
+            artifacts.append(Path(tmp, name))
+            artifacts[-1].write_bytes(locations.read_bytes(locations.join(data_dir, name)))
+        for artifact in artifacts:
             tracking.log_artifact(uri, parent_id, artifact, "sweep")
 
     init_ray(address)
@@ -151,7 +168,7 @@ def run_sweep(
         search_alg = OptunaSearch()
     # the trial driver needs almost no CPU of its own; its Train workers reserve theirs
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=ctx), {"cpu": 0.01})
-    tune_dir = storage / "tune" / state["name"]
+    tune_dir = locations.join(storage, "tune", state["name"])
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         tuner = tune.Tuner.restore(
             str(tune_dir), trainable=trainable, resume_errored=True, param_space=param_space
@@ -169,7 +186,9 @@ def run_sweep(
                 max_concurrent_trials=spec.resources["max_concurrent_trials"],
             ),
             run_config=tune.RunConfig(
-                name=state["name"], storage_path=str(storage / "tune"), verbose=1
+                name=state["name"],
+                storage_path=str(locations.join(storage, "tune")),
+                verbose=1,
             ),
         )
     results = tuner.fit()
@@ -190,10 +209,15 @@ def run_sweep(
             tracking.end_run(uri, run.info.run_id, "KILLED")
         elif run.info.status == "RUNNING":
             tracking.end_run(uri, run.info.run_id, "FAILED")
+    report_dir = locations.join(storage, "report", state["name"])
     try:
-        text, plot = make_report(
-            uri, spec.experiment, storage / "report" / state["name"], parent_id
-        )
+        if remote:  # written locally, then uploaded next to the Tune state
+            with tempfile.TemporaryDirectory(prefix="mixcl-report-") as local:
+                text, plot = make_report(uri, spec.experiment, local, parent_id)
+                locations.upload_folder(Path(local), report_dir)
+            plot = locations.join(report_dir, Path(plot).name)
+        else:
+            text, plot = make_report(uri, spec.experiment, report_dir, parent_id)
     except ValueError as err:
         text, plot = f"no report: {err}", None
     tracking.end_run(uri, parent_id, "FINISHED")
@@ -215,17 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data",
-        type=Path,
-        help="prepared folder (default: the space's data, else the built-in benchmark)",
+        help="prepared folder or object-store URI (default: the space's data, else the built-in "
+        "benchmark)",
     )
     parser.add_argument(
         "--num-samples", type=int, help="samples per grid point (default: the space's)"
     )
     parser.add_argument(
         "--storage",
-        type=Path,
-        default=Path("runs"),
-        help="checkpoints, Tune state, the pre-training cache, reports and the local MLflow store",
+        default="runs",
+        help="checkpoints, Tune state, the pre-training cache, reports and the local MLflow store "
+        "(default: runs); on a cluster a folder every node mounts, or an object-store URI such "
+        "as s3://bucket/runs (then with --tracking-uri)",
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue the last interrupted sweep of this space"
@@ -255,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking_uri=args.tracking_uri,
             address=args.address,
         )
-    except (SpaceError, ValueError, ConnectionError, FileNotFoundError) as err:
+    except (SpaceError, ValueError, OSError) as err:  # OSError: connection, files, object store
         print(f"error: {err}", file=sys.stderr)
         return 2
     minutes = (time.perf_counter() - start) / 60
@@ -263,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstudy finished in {minutes:.1f} min: {len(results)} trials, {len(errors)} failed")
     print(text)
     if plot:
-        print(f"\nlabel-efficiency plot: {plot}")
+        print(f"\nlabel-efficiency plot: {describe(plot)}")
     print(
         f"dashboard: mlflow ui --backend-store-uri {tracking.safe_uri(uri)}   (then open http://127.0.0.1:5000)"
     )

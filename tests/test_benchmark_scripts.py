@@ -73,3 +73,31 @@ def test_gpu_benchmark_runs_as_a_cpu_smoke_test(prepared_benchmark):
     assert "CPU smoke run" in out and "| unet | 32^3 | mixcl_ray Ray Train |" in out
     ratios = _ratios(out)
     assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
+
+
+def test_memory_scaling_benchmark_smoke(prepared_benchmark, tmp_path):
+    # one scale (2 copies of a tiny corpus), both pipelines; the copied corpus is a valid
+    # prepared folder (each copy of a case under its own id, every split list extended)
+    out = _run(
+        "memory_scaling.py",
+        "--data",
+        str(prepared_benchmark),
+        "--scales",
+        "2",
+        "--target-gb",
+        "0.001",
+        "--work",
+        str(tmp_path),
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| 2x |")]
+    assert len(rows) == 1, out
+    ratios = _ratios(out)
+    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
+    from data_prep.reader import load_case, read_manifest, read_splits
+
+    one, two = read_manifest(prepared_benchmark), read_manifest(tmp_path / "x2")
+    assert len(two["cases"]) == 2 * len(one["cases"])
+    train = read_splits(prepared_benchmark)["train"]
+    assert read_splits(tmp_path / "x2")["train"] == [f"{i}~{r}" for r in (0, 1) for i in train]
+    copy = load_case(tmp_path / "x2", f"{train[0]}~1")
+    assert (copy["image"] == load_case(prepared_benchmark, train[0])["image"]).all()

@@ -87,17 +87,6 @@ def test_interrupted_pretraining_resumes_with_its_optimizer_state(
     )
 
 
-def test_worker_failure_is_retried_from_the_last_checkpoint(
-    ray_session, prepared_benchmark, tmp_path
-):
-    config = load_config(
-        "pretrain",
-        overrides={**QUICK, "optim": {"epochs": 2}, "scaling": {"workers": 1, "max_failures": 1}},
-    )
-    result = run_pretraining(prepared_benchmark, tmp_path, config, name="retry", fail_after_epoch=0)
-    assert [h["epoch"] for h in result.history] == [0, 1]
-
-
 def test_label_fraction_subset_equals_splits(ray_session, prepared_benchmark):
     splits = read_splits(prepared_benchmark)["sources"]["Task09_SynthSpleen"]["label_fractions"]
     config = to_dict(FinetuneConfig(label_fraction=0.5))

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from data_prep.locations import open_for_torch
+
 PARTS = ("encoder", "decoder")
 
 
@@ -83,7 +85,8 @@ def load_pretrained(
 ) -> LoadReport:
     """Copy ``parts`` of a pre-trained backbone into ``model.backbone``.
 
-    ``source``: a file from ``save_pretrained`` or a state dict keyed ``encoder.*``/``decoder.*``.
+    ``source``: a file from ``save_pretrained`` (a path or object-store URI) or a state dict keyed
+    ``encoder.*``/``decoder.*``.
     Every key of the requested parts is checked in both directions and by shape; with
     ``strict`` any mismatch raises before anything is copied.
     """
@@ -93,7 +96,7 @@ def load_pretrained(
         payload = (
             source
             if isinstance(source, dict)
-            else torch.load(source, map_location="cpu", weights_only=True)
+            else torch.load(open_for_torch(source), map_location="cpu", weights_only=True)
         )
         state = payload["state"]
     backbone = unwrap(model).backbone

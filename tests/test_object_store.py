@@ -1,0 +1,229 @@
+"""Object-store storage, as on a cluster whose nodes share only a bucket: data_prep output,
+pre-training checkpoints (and resuming from them), Tune state, the pre-training cache,
+fine-tuning checkpoints and the report on ``s3://`` URIs. The server is a real S3-compatible
+HTTP server (moto's) on 127.0.0.1; everything reaches it through pyarrow's S3 filesystem with
+the standard AWS environment variables, as a user's cluster reaches S3 or MinIO."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("moto", reason="moto[server] is part of the test extra")
+
+from data_prep import locations  # noqa: E402
+from mixcl_ray.storage import StorageError, ensure_writable  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(1800)]
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "mixcl"
+SECRET = "not-a-real-secret-4f1d"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A local S3 server with one bucket; yields the environment a client needs."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the S3 test server did not answer within 60 s")
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    import pyarrow.fs as pafs
+
+    pafs.S3FileSystem(
+        access_key="testing",
+        secret_key=SECRET,
+        endpoint_override=url,
+        region="us-east-1",
+        allow_bucket_creation=True,
+    ).create_dir(BUCKET)
+    yield env
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3(s3_env, monkeypatch):
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    return s3_env
+
+
+def test_locations_on_an_object_store(s3, tmp_path):
+    base = f"s3://{BUCKET}/unit"
+    assert locations.join(base + "?scheme=http", "a", "b.json") == f"{base}/a/b.json?scheme=http"
+    assert locations.describe(f"{base}?secret_key={SECRET}") == base
+    assert locations.as_location(f"file://{tmp_path}") == tmp_path
+    assert locations.join(tmp_path, "a") == tmp_path / "a"
+    target = locations.join(base, "x", "state.json")
+    assert not locations.exists(target)
+    locations.write_text(target, '{"a": 1}')
+    assert locations.exists(target) and locations.is_file(target)
+    assert json.loads(locations.read_text(target)) == {"a": 1}
+    assert locations.list_names(locations.join(base, "x")) == ["state.json"]
+    assert locations.list_names(locations.join(base, "missing")) == []
+    with pytest.raises(FileNotFoundError, match="unit/nope.json not found"):
+        locations.read_text(locations.join(base, "nope.json"))
+    (tmp_path / "up" / "sub").mkdir(parents=True)
+    (tmp_path / "up" / "sub" / "f.txt").write_text("hello")
+    locations.upload_folder(tmp_path / "up", locations.join(base, "up"))
+    assert locations.read_text(locations.join(base, "up", "sub", "f.txt")) == "hello"
+
+    assert ensure_writable(f"s3://{BUCKET}/runs") == f"s3://{BUCKET}/runs"
+    with pytest.raises(StorageError, match="s3://no-such-bucket/runs is not writable") as err:
+        ensure_writable("s3://no-such-bucket/runs")
+    assert SECRET not in str(err.value)
+
+
+def _run(module, args, env, cwd, timeout=900):
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **env)
+    full_env.pop("RAY_ADDRESS", None)
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+    return proc.returncode, proc.stdout
+
+
+SPACE = """
+description: object-store sweep
+preset: cpu-tiny
+experiment: object-store
+metric: val/dice_mean
+mode: max
+scheduler: {type: none}
+resources: {workers: 1, gpus_per_worker: 0, max_concurrent_trials: 1}
+pretrain:
+  optim: {epochs: 1}
+  patches: {patches_per_case: 2, batch_size: 2}
+finetune:
+  optim: {epochs: 1}
+  min_patches_per_epoch: 8
+  patches: {patches_per_case: 4}
+space:
+  method: mixcl
+  label_fraction: 1.0
+  seed: 0
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_paused")
+def test_prepare_pretrain_resume_and_sweep_on_an_object_store(s3, synthetic_benchmark, tmp_path):
+    data = f"s3://{BUCKET}/prepared"
+    # data_prep writes into the bucket (staged locally, uploaded once every case is written)
+    rc, out = _run(
+        "data_prep",
+        ["prepare", "--dataset", str(synthetic_benchmark), "--out", data, "--no-progress"],
+        s3,
+        tmp_path,
+    )
+    assert rc == 0, out[-4000:]
+    assert f"prepared folder: {data}" in out
+    names = locations.list_names(data)
+    assert {"manifest.json", "splits.json", "shards"} <= set(names)
+    rc, out = _run(
+        "data_prep", ["prepare", "--dataset", str(synthetic_benchmark), "--out", data], s3, tmp_path
+    )
+    assert rc == 0 and "is up to date with its inputs" in out, out[-4000:]
+
+    # pre-training: checkpoints in the bucket; the same name with more epochs resumes from them
+    config = tmp_path / "small.yaml"
+    config.write_text("patches: {patches_per_case: 2, batch_size: 2}\n")
+    storage = f"s3://{BUCKET}/runs"
+    common = ["--data", data, "--storage", storage, "--name", "p", "--workers", "1"]
+    rc, out = _run(
+        "mixcl_ray.pretrain", [*common, "--config", str(config), "--epochs", "1"], s3, tmp_path
+    )
+    assert rc == 0, out[-4000:]
+    assert "epoch_0000" in locations.list_names(f"{storage}/p")
+    rc, out = _run(
+        "mixcl_ray.pretrain", [*common, "--config", str(config), "--epochs", "2"], s3, tmp_path
+    )
+    assert rc == 0, out[-4000:]
+    metrics = json.loads(re.search(r"^\{$.*?^\}$", out, re.S | re.M).group(0))
+    assert metrics["epoch"] == 1 and metrics["resumed_from_epoch"] == 1  # epoch 0 not redone
+    assert f"final checkpoint {storage}/p/epoch_0001" in out
+    assert locations.is_file(f"{storage}/p/epoch_0001/pretrained.pt")
+    assert not (tmp_path / "runs").exists()  # nothing fell back to a local folder
+
+    # an object store cannot hold the default SQLite tracking file: said before any compute
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    sweep = ["--space", str(space), "--data", data, "--storage", f"s3://{BUCKET}/sweep"]
+    rc, out = _run("mixcl_ray.tune", [*sweep, "--address", "local"], s3, tmp_path, timeout=120)
+    assert rc == 2 and "--tracking-uri" in out, out[-4000:]
+
+    # the sweep: Tune state, pre-training cache, fine-tuning checkpoints and report in the bucket
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*sweep, "--tracking-uri", tracking_uri, "--address", "local"]
+    rc, out = _run("mixcl_ray.tune", args, s3, tmp_path, timeout=1500)
+    assert rc == 0, out[-5000:]
+    assert f"label-efficiency plot: s3://{BUCKET}/sweep/report/" in out
+    assert SECRET not in out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("object-store")
+    trials = client.search_runs([exp.experiment_id], "tags.`mixcl.stage` = 'trial'")
+    (trial,) = trials
+    assert trial.info.status == "FINISHED" and "test/dice_mean" in trial.data.metrics
+    weights = trial.data.tags["pretrained_weights"]
+    assert weights.startswith(f"s3://{BUCKET}/sweep/pretrain_cache/") and weights.endswith(".pt")
+    assert locations.is_file(weights)
+    best = trial.data.tags["best_checkpoint"]
+    assert best.startswith(f"s3://{BUCKET}/sweep/finetune/") and locations.is_file(best)
+    (tune_name,) = [
+        n for n in locations.list_names(f"s3://{BUCKET}/sweep/tune") if not n.endswith(".json")
+    ]
+    assert locations.is_file(f"s3://{BUCKET}/sweep/report/{tune_name}/report.md")
+    assert locations.is_file(f"s3://{BUCKET}/sweep/report/{tune_name}/label_efficiency.png")
+
+    # resuming reads the sweep state and Tune's experiment back from the bucket; nothing re-runs
+    rc, out = _run("mixcl_ray.tune", [*args, "--resume"], s3, tmp_path, timeout=600)
+    assert rc == 0, out[-5000:]
+    trials = client.search_runs([exp.experiment_id], "tags.`mixcl.stage` = 'trial'")
+    assert [t.info.status for t in trials] == ["FINISHED"]
+    assert len(client.search_runs([exp.experiment_id], "tags.`mixcl.stage` = 'pretrain'")) == 1
+    assert not (tmp_path / "runs").exists()
