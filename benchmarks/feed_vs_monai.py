@@ -30,27 +30,42 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class TreeMemory:
-    """Peak PSS of this process and all its descendants, sampled in a thread."""
+    """Peak PSS of this process and all its descendants, sampled in a thread; ``by_process``
+    is the peak sample split by process name (``ray::TrainController``, ``raylet``, ...)."""
 
     def __init__(self, interval: float = 0.5):
         import psutil
 
         self.root, self.interval, self.peak = psutil.Process(), interval, 0
+        self.by_process: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
-        total = 0
+    @staticmethod
+    def _name(proc) -> str:
+        title = " ".join(proc.cmdline()[:1]) or proc.name()
+        if title.startswith("ray::"):
+            return title.split("(")[0].split(".")[0]  # ray::MapBatches(...) -> ray::MapBatches
+        return Path(title.split()[0]).name if title else proc.name()
+
+    def _sample(self) -> tuple[int, dict[str, int]]:
+        parts: dict[str, int] = {}
         for proc in [self.root, *self.root.children(recursive=True)]:
             try:
-                total += proc.memory_full_info().pss
+                name = "driver" if proc.pid == self.root.pid else self._name(proc)
+                parts[name] = parts.get(name, 0) + proc.memory_full_info().pss
             except Exception:  # a process that just ended
                 continue
-        return total
+        return sum(parts.values()), parts
+
+    def _record(self) -> None:
+        total, parts = self._sample()
+        if total > self.peak:
+            self.peak, self.by_process = total, parts
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            self._record()
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -60,7 +75,7 @@ class TreeMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._sample())
+        self._record()
 
 
 def pretrain_config(size: int, patches_per_case: int) -> dict:

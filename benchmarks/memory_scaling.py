@@ -33,6 +33,7 @@ from pathlib import Path
 import common
 import numpy as np
 from feed_vs_monai import TreeMemory, TwoViews
+from monai.transforms import Transform
 
 ROOT = Path(__file__).resolve().parents[1]
 SEP = "~"  # case id of copy r: "<id>~r"
@@ -132,6 +133,7 @@ def run_ours(data: Path, size: int, batch: int) -> dict:
         ray.shutdown()
     return {
         "peak_pss": memory.peak,
+        "by_process": memory.by_process,
         "seconds": seconds,
         "steps": result.history[-1]["step"],
         "mode": "cached" if cached else "streamed",
@@ -139,9 +141,11 @@ def run_ours(data: Path, size: int, batch: int) -> dict:
     }
 
 
-class LoadCase:
-    """MONAI-style loader: a case id -> its decoded image and label (what LoadImaged does with
-    NIfTI files), read from the prepared Parquet shard; the labels a pre-training run may use."""
+class LoadCase(Transform):
+    """MONAI loader: a case id -> its decoded image and label (what LoadImaged does with NIfTI
+    files), read from the prepared Parquet shard; the labels a pre-training run may use. A
+    ``Transform``, so that CacheDataset caches its result (it caches nothing from the first
+    random or non-Transform callable on)."""
 
     def __init__(self, data: Path, labelled: frozenset, num_classes: int):
         from data_prep.reader import read_manifest
@@ -189,16 +193,14 @@ def run_monai(data: Path, size: int, batch: int) -> dict:
         start = time.perf_counter()
         ids, labelled = pretraining_cases(data, cfg.pretrain_label_fraction, cfg.target_images)
         classes = len(read_manifest(data)["class_map"])
-        cached = Compose(
+        # one flat Compose: CacheDataset caches the results of the transforms before the first
+        # random one (a nested Compose counts as random: it would cache nothing)
+        transform = Compose(
             [
                 LoadCase(data, frozenset(labelled), classes),
                 EnsureChannelFirstd(["image", "label"], channel_dim="no_channel"),
                 Lambdad("label", lambda x: np.where(np.asarray(x) == UNLABELLED, 0, x)),
                 SpatialPadd(["image", "label"], spatial_size=(size,) * 3),
-            ]
-        )
-        random = Compose(
-            [
                 RandCropByPosNegLabeld(
                     ["image", "label"],
                     label_key="label",
@@ -211,8 +213,9 @@ def run_monai(data: Path, size: int, batch: int) -> dict:
             ]
         )
         dataset = CacheDataset(
-            [{"case_id": i} for i in ids], Compose([cached, random]), num_workers=2, progress=False
+            [{"case_id": i} for i in ids], transform, num_workers=2, progress=False
         )
+        cached = sum(1 for c in dataset._cache if c is not None)
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=2)
         model = MixCLModel(cfg.model)
         loss_fn = MixCLLoss(cfg.loss)
@@ -230,7 +233,22 @@ def run_monai(data: Path, size: int, batch: int) -> dict:
             steps += 1
         seconds = time.perf_counter() - start
         del loader, dataset
-    return {"peak_pss": memory.peak, "seconds": seconds, "steps": steps, "mode": "CacheDataset"}
+    return {
+        "peak_pss": memory.peak,
+        "by_process": memory.by_process,
+        "seconds": seconds,
+        "steps": steps,
+        "mode": f"CacheDataset ({cached} cases cached)",
+    }
+
+
+def _breakdown(result: dict, top: int = 8) -> str:
+    """The peak sample's PSS by process name (summed over processes of one name), largest
+    first."""
+    parts = sorted(result["by_process"].items(), key=lambda kv: -kv[1])
+    shown = [f"{name} {pss / 2**30:.2f}" for name, pss in parts[:top]]
+    rest = sum(pss for _, pss in parts[top:])
+    return ", ".join(shown) + (f", other {rest / 2**30:.2f}" if rest else "") + " GiB"
 
 
 def _spawn(which: str, data: Path, args) -> dict:
@@ -300,6 +318,10 @@ def main(argv=None) -> int:
             flush=True,
         )
         rows[scale] = {"cases": n, "decoded_bytes": decoded, "ours": ours, "monai": monai}
+    for scale, row in rows.items():
+        for name in ("ours", "monai"):
+            if row[name]:
+                print(f"\nwhere the peak goes, {name} at {scale}x: {_breakdown(row[name])}")
     top = rows[max(rows)]
     summary = {
         "ours_growth_1x_to_max": top["ours"]["peak_pss"] / rows[min(rows)]["ours"]["peak_pss"],

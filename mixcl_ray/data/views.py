@@ -10,9 +10,12 @@ RAS volume). ``apply_spatial`` works on numpy (..., X, Y, Z) arrays in the data 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ def apply_spatial(x: np.ndarray, flips: np.ndarray, rot: int) -> np.ndarray:
 
 def invert_spatial(x: torch.Tensor, flips: torch.Tensor, rots: torch.Tensor) -> torch.Tensor:
     """Undo ``apply_spatial`` per sample. x: (B, C, X, Y, Z); flips: (B, 3) bool; rots: (B,)."""
+    import torch  # here, not at the top: Ray Data's sampling processes never load torch
+
     out = []
     for sample, flip, rot in zip(x, flips.tolist(), rots.tolist(), strict=True):  # B iterations
         if rot:
