@@ -146,11 +146,12 @@ def monai_items(data: Path) -> list[dict]:
     return [_pretrain_case(load_case(data, i), frozenset(labelled), classes) for i in ids]
 
 
-def run_monai(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: int) -> dict:
-    """CacheDataset (decoded cases in memory) + RandCropByPosNegLabeld + our two views in the
-    DataLoader's worker processes."""
-    import torch
-    from monai.data import CacheDataset, DataLoader
+def monai_transform(size: int, config: dict, num_samples: int, load=None):
+    """The standard MONAI pre-training chain: (an optional loader,) channel first, unlabelled
+    voxels as background for the crop centres, padding of volumes smaller than a patch (as our
+    sampler pads its crops), RandCropByPosNegLabeld, then our two views. One flat Compose:
+    CacheDataset caches everything before the crop (a nested Compose, or a callable that is
+    not a MONAI Transform, counts as random and stops the caching there)."""
     from monai.transforms import (
         Compose,
         EnsureChannelFirstd,
@@ -161,30 +162,38 @@ def run_monai(data: Path, size: int, epochs: int, workers: int, ppc: int, batch:
 
     from data_prep.reader import UNLABELLED
 
+    return Compose(
+        [
+            *([load] if load is not None else []),
+            EnsureChannelFirstd(["image", "label"], channel_dim="no_channel"),
+            Lambdad("label", lambda x: np.where(np.asarray(x) == UNLABELLED, 0, x)),
+            SpatialPadd(["image", "label"], spatial_size=(size,) * 3),
+            RandCropByPosNegLabeld(
+                ["image", "label"],
+                label_key="label",
+                spatial_size=(size,) * 3,
+                pos=1,
+                neg=1,
+                num_samples=num_samples,
+            ),
+            TwoViews(config),
+        ]
+    )
+
+
+def run_monai(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: int) -> dict:
+    """CacheDataset (decoded cases in memory) + RandCropByPosNegLabeld + our two views in the
+    DataLoader's worker processes."""
+    import torch
+    from monai.data import CacheDataset, DataLoader
+
     torch.set_num_threads(1)
     config = pretrain_config(size, ppc)
     times, counts = [], []
     with TreeMemory() as memory:
         start = time.perf_counter()
         items = monai_items(data)
-        transform = Compose(
-            [
-                EnsureChannelFirstd(["image", "label"], channel_dim="no_channel"),
-                # unlabelled voxels are not foreground for the crop centres
-                Lambdad("label", lambda x: np.where(np.asarray(x) == UNLABELLED, 0, x)),
-                # volumes smaller than a patch are padded, as our sampler pads its crops
-                SpatialPadd(["image", "label"], spatial_size=(size,) * 3),
-                RandCropByPosNegLabeld(
-                    ["image", "label"],
-                    label_key="label",
-                    spatial_size=(size,) * 3,
-                    pos=1,
-                    neg=1,
-                    num_samples=ppc,
-                ),
-                TwoViews(config),
-            ]
-        )
+        transform = monai_transform(size, config, ppc)
         dataset = CacheDataset(items, transform, num_workers=workers, progress=False)
         del items
         loader = DataLoader(

@@ -31,8 +31,7 @@ import uuid
 from pathlib import Path
 
 import common
-import numpy as np
-from feed_vs_monai import TreeMemory, TwoViews
+from feed_vs_monai import TreeMemory, monai_transform
 from monai.transforms import Transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,15 +170,8 @@ def run_monai(data: Path, size: int, batch: int) -> dict:
     RandCropByPosNegLabeld + our two views in 2 DataLoader workers."""
     import torch
     from monai.data import CacheDataset, DataLoader
-    from monai.transforms import (
-        Compose,
-        EnsureChannelFirstd,
-        Lambdad,
-        RandCropByPosNegLabeld,
-        SpatialPadd,
-    )
 
-    from data_prep.reader import UNLABELLED, read_manifest
+    from data_prep.reader import read_manifest
     from mixcl_ray.feed import pretraining_cases
     from mixcl_ray.losses import MixCLLoss
     from mixcl_ray.models import MixCLModel
@@ -193,25 +185,7 @@ def run_monai(data: Path, size: int, batch: int) -> dict:
         start = time.perf_counter()
         ids, labelled = pretraining_cases(data, cfg.pretrain_label_fraction, cfg.target_images)
         classes = len(read_manifest(data)["class_map"])
-        # one flat Compose: CacheDataset caches the results of the transforms before the first
-        # random one (a nested Compose counts as random: it would cache nothing)
-        transform = Compose(
-            [
-                LoadCase(data, frozenset(labelled), classes),
-                EnsureChannelFirstd(["image", "label"], channel_dim="no_channel"),
-                Lambdad("label", lambda x: np.where(np.asarray(x) == UNLABELLED, 0, x)),
-                SpatialPadd(["image", "label"], spatial_size=(size,) * 3),
-                RandCropByPosNegLabeld(
-                    ["image", "label"],
-                    label_key="label",
-                    spatial_size=(size,) * 3,
-                    pos=1,
-                    neg=1,
-                    num_samples=1,
-                ),
-                TwoViews(config),
-            ]
-        )
+        transform = monai_transform(size, config, 1, LoadCase(data, frozenset(labelled), classes))
         dataset = CacheDataset(
             [{"case_id": i} for i in ids], transform, num_workers=2, progress=False
         )

@@ -7,11 +7,8 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from importlib import import_module
 from pathlib import Path
 
@@ -19,6 +16,8 @@ import psutil
 import pytest
 import ray
 import yaml
+
+from tests.servers import free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -127,15 +126,9 @@ def test_readme_cluster_commands_run_in_the_package():
         assert (ROOT / recipe).exists(), recipe
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_server_recipe_binds_to_localhost(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         MLFLOW_ROOT=str(tmp_path),
@@ -159,18 +152,7 @@ def test_mlflow_server_recipe_binds_to_localhost(tmp_path):
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if (
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status
-                    == 200
-                ):
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("the recipe's server did not answer /health within 120 s")
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, "the recipe's server")
         tree = psutil.Process(proc.pid)
         listening = [
             c.laddr

@@ -7,12 +7,8 @@ the standard AWS environment variables, as a user's cluster reaches S3 or MinIO.
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +17,7 @@ pytest.importorskip("moto", reason="moto[server] is part of the test extra")
 
 from data_prep import locations  # noqa: E402
 from mixcl_ray.storage import StorageError, ensure_writable  # noqa: E402
+from tests.servers import free_port, start_server, stop_server  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(1800)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,33 +25,13 @@ BUCKET = "mixcl"
 SECRET = "not-a-real-secret-4f1d"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_env():
     """A local S3 server with one bucket; yields the environment a client needs."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the S3 test server did not answer within 60 s")
+    server = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = start_server(server, url, "the S3 test server", timeout=60)
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": SECRET,
@@ -72,8 +49,7 @@ def s3_env():
         allow_bucket_creation=True,
     ).create_dir(BUCKET)
     yield env
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 @pytest.fixture

@@ -5,16 +5,16 @@ started on 127.0.0.1 with its own SQLite file; then an interrupted sweep resumed
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 from mlflow import MlflowClient
+
+from tests.servers import free_port, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800), pytest.mark.usefixtures("ray_paused")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,17 +49,12 @@ def mlflow_server_folder(url: str) -> Path:
     return _SERVER_FOLDERS[url]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    proc = subprocess.Popen(
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(
         [
             sys.executable,
             "-m",
@@ -76,28 +71,12 @@ def mlflow_server(tmp_path_factory):
             "--artifacts-destination",
             str(folder / "art"),
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        f"{url}/health",
+        "mlflow server",
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("mlflow server did not answer /health within 120 s")
     _SERVER_FOLDERS[url] = folder
     yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_server(proc)
 
 
 def _tune(args, **kwargs):
@@ -304,7 +283,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(
 
 
 def test_unreachable_tracking_server_fails_before_compute(prepared_benchmark, tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = _tune(
         [
             "--data",

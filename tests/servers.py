@@ -1,0 +1,53 @@
+"""Real servers the tests start on 127.0.0.1 (an MLflow tracking server, an S3-compatible
+object store), each in its own process group so that stopping it stops its workers too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    """Until ``url`` answers 200; else kill the server's process group and fail the test."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"{what} did not answer {url} within {timeout:.0f} s")
+
+
+def start_server(argv: list[str], url: str, what: str, timeout: float = 120, **kwargs):
+    """Start ``argv`` in a new session, wait until ``url`` answers; returns the process."""
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        **kwargs,
+    )
+    wait_for_http(url, proc, what, timeout)
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
