@@ -45,6 +45,7 @@ TOP_KEYS = {
     "resources",
     "pretrain",
     "finetune",
+    "pretrain_cache",
     "space",
 }
 SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
@@ -70,6 +71,9 @@ class SweepSpec:
     pretrain: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)
     description: str = ""
+    # trials with the same pre-training config share one pre-training; false: each trial
+    # pre-trains its own (the full-budget baseline of benchmarks/sweep_cost.py)
+    pretrain_cache: bool = True
 
 
 class SpaceError(ValueError):
@@ -140,6 +144,8 @@ def load_space(path: str | os.PathLike) -> SweepSpec:
         raise SpaceError(f"{path}: mode must be max or min")
     if data.get("search", "basic") not in ("basic", "optuna"):
         raise SpaceError(f"{path}: search must be basic or optuna")
+    if not isinstance(data.get("pretrain_cache", True), bool):
+        raise SpaceError(f"{path}: pretrain_cache must be true or false")
     sched = data.get("scheduler", {"type": "asha"})
     if not isinstance(sched, dict) or sched.get("type") not in ("asha", "none"):
         raise SpaceError(f"{path}: scheduler.type must be asha or none")

@@ -84,13 +84,17 @@ def trial_params(sample: dict, pre_cfg, ft_cfg, ctx: dict) -> dict:
     }
 
 
-def cached_pretraining(pre_cfg, ctx: dict) -> tuple[Path, str, bool]:
-    """(pretrained.pt, cache key, reused?) for a pre-training config; trains it once."""
+def cached_pretraining(pre_cfg, ctx: dict, owner: str = "") -> tuple[Path, str, bool]:
+    """(pretrained.pt, cache key, reused?) for a pre-training config; trains it once. With
+    the sweep's ``pretrain_cache`` off, the key includes ``owner`` (the trial's key): every
+    trial trains its own."""
     from mixcl_ray.pretrain import run_pretraining
     from mixcl_ray.train_config import to_dict
     from mixcl_ray.train_utils import run_name
 
     key = run_name("pretrain", to_dict(pre_cfg), ctx["fingerprint"])
+    if not ctx.get("pretrain_cache", True):
+        key = f"{key}-{owner}"
     cache = locations.join(ctx["storage"], "pretrain_cache")
     # the lock is a local file: beside the cache on a shared filesystem; on this node only when
     # the cache is in an object store (trials of the same key on two nodes may then both train)
@@ -253,7 +257,7 @@ def run_trial(config: dict, sweep: dict) -> None:
     try:
         pretrained = None
         if pre_cfg is not None:
-            pretrained, cache_key, reused = cached_pretraining(pre_cfg, ctx)
+            pretrained, cache_key, reused = cached_pretraining(pre_cfg, ctx, owner=key)
             tracking.log_params(uri, run_id, {"pretrain_cache_key": cache_key})
             tracking.set_tags(
                 uri,

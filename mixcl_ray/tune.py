@@ -156,6 +156,7 @@ def run_sweep(
         "fingerprint": manifest["input_fingerprint"],
         "pretrain": spec.pretrain,
         "finetune": spec.finetune,
+        "pretrain_cache": spec.pretrain_cache,
         "workers": spec.resources["workers"],
         "gpus_per_worker": spec.resources["gpus_per_worker"],
     }

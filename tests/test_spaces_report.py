@@ -4,10 +4,11 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mixcl_ray import tracking
 from mixcl_ray.report import make_report, summarise
-from mixcl_ray.spaces import SpaceError, load_space, to_tune_space
+from mixcl_ray.spaces import SPACES_DIR, SpaceError, load_space, to_tune_space
 
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
@@ -172,3 +173,30 @@ def test_optuna_search_samples_the_space_and_tune_keeps_the_constants():
         assert config["seed"] in (0, 1) and 0.05 <= config["temperature_id"] <= 0.5
         assert 0.0 <= config["l_rec"] <= 2.0
         searcher.on_trial_complete(trial, {spec.metric: 0.5})
+
+
+def test_sweep_cost_variants_and_the_cache_switch(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from sweep_cost import variants
+
+    space = yaml.safe_load((SPACES_DIR / "demo.yaml").read_text())
+    both = variants(space, 1, 3)
+    assert both["asha+cache"]["scheduler"] == {
+        "type": "asha",
+        "grace_period": 1,
+        "reduction_factor": 3,
+    }
+    assert both["full budget"]["scheduler"] == {"type": "none"}
+    assert both["asha+cache"]["pretrain_cache"] is True
+    assert both["full budget"]["pretrain_cache"] is False
+    assert both["full budget"]["space"] == space["space"]
+    for name, variant in both.items():  # each is a valid space file
+        path = tmp_path / f"{name.replace(' ', '_')}.yaml"
+        path.write_text(yaml.safe_dump(variant))
+        assert load_space(path).pretrain_cache is variant["pretrain_cache"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**space, "pretrain_cache": "sometimes"}))
+    with pytest.raises(SpaceError, match="pretrain_cache must be true or false"):
+        load_space(bad)
