@@ -17,7 +17,7 @@ import numpy as np
 from data_prep.reader import UNLABELLED, read_cases, read_manifest, read_splits
 from data_prep.splits import fraction_key
 from mixcl_ray.data.pairs import make_pretrain_example
-from mixcl_ray.data.patches import sample_patches
+from mixcl_ray.data.patches import crop_patches, sample_centres, sample_patches
 
 
 def epoch_index() -> int:
@@ -210,11 +210,10 @@ def _segmentation_examples(batch: dict, patch: dict, seed: int, repeats: int, ep
     case_id = str(_one(batch, "case_id"))
     rng = case_rng(seed, case_id, epoch_index() + epoch_offset)
     image, label = _one(batch, "image"), _one(batch, "label")
-    total = p.patches_per_case * repeats
-    for start in range(0, total, CHUNK):
-        images, labels = sample_patches(
-            image, label, p.patch_size, min(CHUNK, total - start), rng, p.pos, p.neg
-        )
+    # the centres at once: drawing them scans the whole label volume
+    centres = sample_centres(label, p.patches_per_case * repeats, p.pos, p.neg, rng)
+    for start in range(0, len(centres), CHUNK):
+        images, labels = crop_patches(image, label, centres[start : start + CHUNK], p.patch_size)
         # no mirroring: left and right tell spleen from liver, and a 32^3 patch sees little else
         yield {"image": images[:, None], "label": labels[:, None]}
 

@@ -15,7 +15,13 @@ from mixcl_ray.data.corruptions import (
     outpaint,
 )
 from mixcl_ray.data.pairs import make_pretrain_example
-from mixcl_ray.data.patches import UNLABELLED, crop, sample_centres, sample_patches
+from mixcl_ray.data.patches import (
+    UNLABELLED,
+    crop,
+    crop_patches,
+    sample_centres,
+    sample_patches,
+)
 from mixcl_ray.data.views import ViewConfig, apply_spatial, augment_intensity, invert_spatial
 
 
@@ -147,3 +153,15 @@ def test_patches_are_padded_and_unlabelled_stays_unlabelled():
     assert (images[:, 10:] == image.min()).all()  # padding beyond the 10 voxels of x
     window = crop(np.arange(27).reshape(3, 3, 3), np.array([0, 0, 0]), (2, 2, 2), fill=-1)
     assert np.array_equal(window, np.arange(27).reshape(3, 3, 3)[:2, :2, :2])
+
+
+def test_patches_are_the_crops_at_the_sampled_centres():
+    rng = np.random.default_rng(0)
+    label = np.zeros((20, 18, 9), np.uint8)
+    label[5:9, 4:8, 2:5] = 3
+    image = rng.random(label.shape, dtype=np.float32)
+    one = sample_patches(image, label, (8, 8, 12), 5, np.random.default_rng(7))
+    centres = sample_centres(label, 5, 1.0, 1.0, np.random.default_rng(7))
+    two = crop_patches(image, label, centres, (8, 8, 12))
+    assert all(np.array_equal(a, b) for a, b in zip(one, two, strict=True))
+    assert two[0].shape == (5, 8, 8, 12) and two[1].dtype == np.uint8  # z padded to 12

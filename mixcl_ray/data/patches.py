@@ -63,7 +63,13 @@ def sample_patches(
     neg: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """n (image, label) patch pairs: images (n, X, Y, Z) float32, labels (n, X, Y, Z) uint8."""
-    centres = sample_centres(label, n, pos, neg, rng)
+    return crop_patches(image, label, sample_centres(label, n, pos, neg, rng), patch_size)
+
+
+def crop_patches(
+    image: np.ndarray, label: np.ndarray, centres: np.ndarray, patch_size: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (image, label) patches at ``centres`` (n, 3), padded as ``sample_patches`` pads."""
     unlabelled = bool(label.reshape(-1)[0] == UNLABELLED and (label == UNLABELLED).all())
     fill_label = UNLABELLED if unlabelled else 0
     fill_image = float(image.min())
