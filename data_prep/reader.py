@@ -130,6 +130,7 @@ def read_cases(
     Parquet columns (volumes as bytes), which is cheaper to move around before sampling.
     """
     import ray.data
+    from ray.data.expressions import col
 
     manifest = read_manifest(out)
     if case_ids is not None:
@@ -143,25 +144,9 @@ def read_cases(
         raise ValueError(
             f"no case selected in {out} (split={split}, label_fraction={label_fraction}, sources={sources})"
         )
-    per_shard: dict[str, list[str]] = {}
-    for i in ids:
-        per_shard.setdefault(manifest["cases"][i]["shard"], []).append(i)
-    # one read task per shard, reading only the selected cases' rows. (Ray Data's own Parquet
-    # reader first indexes every file's footer in a pool of actors, which held 5.75 GiB at the
-    # peak of a 3712-case epoch: benchmarks/memory_scaling.py.)
-    items = [{"shard": s, "case_ids": c} for s, c in sorted(per_shard.items())]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.flat_map(_read_shard, fn_kwargs={"out": str(locations.as_location(out))})
+    shards = sorted({manifest["cases"][i]["shard"] for i in ids})
+    fs, _ = locations.resolve(out)
+    paths = [locations.resolve(locations.join(out, s))[1] for s in shards]
+    ds = ray.data.read_parquet(paths, filesystem=fs)
+    ds = ds.filter(expr=col("case_id").is_in(ids))
     return ds.map(decode_case) if decode else ds
-
-
-def _read_shard(item: dict, out: str) -> list[dict]:
-    """The rows of ``item["case_ids"]`` in one shard (Parquet columns as they are stored)."""
-    fs, path = locations.resolve(locations.join(out, item["shard"]))
-    try:
-        table = pq.read_table(
-            path, filesystem=fs, filters=[("case_id", "in", list(item["case_ids"]))]
-        )
-    except OSError as err:
-        raise DataPrepError(f"cannot read shard: {err}", path=item["shard"]) from None
-    return table.to_pylist()
