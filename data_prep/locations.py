@@ -10,11 +10,9 @@ the query (which may hold ``secret_key=``) from anything printed.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import posixpath
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -43,10 +41,6 @@ def join(location: Location, *parts: str) -> Location:
         return location.joinpath(*parts)
     base, sep, query = location.partition("?")
     return posixpath.join(base.rstrip("/"), *parts) + sep + query
-
-
-def name_of(location: Location) -> str:
-    return posixpath.basename(str(location).partition("?")[0].rstrip("/"))
 
 
 def describe(location: Location) -> str:
@@ -140,30 +134,7 @@ def upload_folder(local: Path, location: Location) -> None:
     pafs.copy_files(str(Path(local).absolute()), path, pafs.LocalFileSystem(), fs)
 
 
-def delete_folder(location: Location) -> None:
-    import shutil
-
-    location = as_location(location)
-    if isinstance(location, Path):
-        shutil.rmtree(location, ignore_errors=True)
-        return
-    fs, path = resolve(location)
-    with contextlib.suppress(FileNotFoundError):
-        fs.delete_dir(path)
-
-
 def open_for_torch(location: Location):
     """What ``torch.load`` takes: the local path, or the object's bytes in memory."""
     location = as_location(location)
     return location if isinstance(location, Path) else io.BytesIO(read_bytes(location))
-
-
-@contextlib.contextmanager
-def staged_output(location: Location):
-    """A local folder to write into; on success it becomes ``location``: renamed into place
-    when local (the caller handles that), uploaded when remote. Yields the local folder."""
-    location = as_location(location)
-    with tempfile.TemporaryDirectory(prefix="mixcl-stage-") as tmp:
-        staged = Path(tmp) / name_of(location)
-        yield staged
-        upload_folder(staged, location)
