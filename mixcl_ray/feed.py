@@ -128,17 +128,18 @@ def _pretrain_examples(batch: dict, config: dict, epoch_offset: int) -> dict:
     return out
 
 
-def spread_blocks(ds, cases: int):
-    """Split the cases into enough blocks for every CPU (a block is one task per epoch).
+def spread_blocks(cases: int) -> int:
+    """How many blocks (read tasks) to split the cases into: one block is one sampling task
+    per epoch.
 
-    The read fuses small Parquet shards into one block, and then every case's patches of an
-    epoch were sampled by a single task, one case after the other, whatever the number of
+    A read of small Parquet shards fused them into one block, and then every case's patches of
+    an epoch were sampled by a single task, one case after the other, whatever the number of
     CPUs (measured: 1 task for 58 cases). One block per case costs a task per case, which
     small patches do not repay, so: 4 blocks per cluster CPU, at most one per case."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
-    return ds.repartition(max(1, min(cases, 4 * cpus)))
+    return max(1, min(cases, 4 * cpus))
 
 
 CACHE_SHARE = 0.25  # cache_cases "auto": the decoded cases' share of the object store
@@ -170,11 +171,13 @@ def build_pretrain_dataset(data_dir, config: dict, epoch_offset: int = 0):
     cfg = from_dict(PretrainConfig, config)
     ids, labelled = pretraining_cases(data_dir, cfg.pretrain_label_fraction, cfg.target_images)
     num_classes = len(read_manifest(data_dir)["class_map"])
-    ds = read_cases(data_dir, case_ids=ids).map(
-        partial(_pretrain_case, labelled=frozenset(labelled), num_classes=num_classes)
+    cpus = cfg.patches.cpus_per_data_task
+    ds = read_cases(data_dir, case_ids=ids, num_cpus=cpus, blocks=spread_blocks(len(ids))).map(
+        partial(_pretrain_case, labelled=frozenset(labelled), num_classes=num_classes),
+        num_cpus=cpus,
     )
     if should_cache(data_dir, ids, cfg.patches.cache_cases):
-        ds = spread_blocks(ds, len(ids)).materialize()
+        ds = ds.materialize()
     return ds.map_batches(
         partial(_pretrain_examples, config=config, epoch_offset=epoch_offset),
         batch_size=1,
@@ -239,7 +242,10 @@ def finetune_cases(data_dir, config: dict):
     source = target_source(data_dir, cfg.source)
     lut, _ = class_lookup(data_dir, source)
     ids = finetune_case_ids(data_dir, cfg.label_fraction, source)
-    return read_cases(data_dir, case_ids=ids).map(partial(_finetune_case, lut=lut))
+    cpus = cfg.patches.cpus_per_data_task
+    return read_cases(data_dir, case_ids=ids, num_cpus=cpus, blocks=spread_blocks(len(ids))).map(
+        partial(_finetune_case, lut=lut), num_cpus=cpus
+    )
 
 
 def build_finetune_dataset(data_dir, config: dict, epoch_offset: int = 0):
@@ -252,7 +258,7 @@ def build_finetune_dataset(data_dir, config: dict, epoch_offset: int = 0):
     repeats = max(1, -(-cfg.min_patches_per_epoch // per_epoch))
     ds = finetune_cases(data_dir, config)
     if should_cache(data_dir, ids, cfg.patches.cache_cases):
-        ds = spread_blocks(ds, len(ids)).materialize()
+        ds = ds.materialize()
     return ds.map_batches(
         partial(
             _segmentation_examples,
