@@ -129,8 +129,8 @@ def _pretrain_examples(batch: dict, config: dict, epoch_offset: int) -> dict:
 
 
 def spread_blocks(cases: int) -> int:
-    """How many blocks (read tasks) to split the cases into: one block is one sampling task
-    per epoch.
+    """How many blocks (read tasks) at least to split the cases into: one block is one
+    sampling task per epoch.
 
     A read of small Parquet shards fused them into one block, and then every case's patches of
     an epoch were sampled by a single task, one case after the other, whatever the number of
