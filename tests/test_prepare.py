@@ -201,6 +201,17 @@ def test_reader_gives_ray_dataset_of_selected_cases(prepared_benchmark, ray_sess
     assert not unlabelled["labelled"] and (unlabelled["label"] == UNLABELLED).all()
 
 
+def test_reader_makes_a_block_per_shard_or_more(prepared_benchmark, ray_session):
+    manifest = read_manifest(prepared_benchmark)
+    ids = sorted(manifest["cases"])
+    shards = {manifest["cases"][i]["shard"] for i in ids}
+    per_shard = read_cases(prepared_benchmark, case_ids=ids, num_cpus=0.5).materialize()
+    assert per_shard.num_blocks() == len(shards) and per_shard.count() == len(ids)
+    more = read_cases(prepared_benchmark, case_ids=ids, num_cpus=0.5, blocks=3 * len(shards))
+    more = more.materialize()
+    assert more.num_blocks() > len(shards) and more.count() == len(ids)
+
+
 def test_inspect_cli_summarises(prepared_benchmark):
     proc = subprocess.run(
         [sys.executable, "-m", "data_prep", "inspect", str(prepared_benchmark)],
