@@ -135,10 +135,11 @@ def read_cases(
     and a corpus streamed every epoch moves in pieces of a shard (whole-corpus blocks of 464
     cases held 2.9 GiB in the read tasks at the 16x memory benchmark).
 
-    The read uses Ray Data's first Parquet datasource. Its successor (Ray 2.60's default) lists the files in a task that always asks for a whole CPU, which no node may have
-    free while Train workers hold fractions of its CPUs: after a node was lost mid-run, a
-    stream that reads every epoch waited for it forever. It also indexed the files' footers
-    in a pool of actors that held 5.75 GiB at the peak of the 16x memory benchmark.
+    The read uses Ray Data's first Parquet datasource. Its successor (Ray 2.60's default)
+    lists the files in a task that always asks for a whole CPU, which no node may have free
+    while Train workers hold fractions of its CPUs: after a node was lost mid-run, a stream
+    that reads every epoch waited for it forever. It also indexed the files' footers in a pool
+    of actors that held 5.75 GiB at the peak of the 16x memory benchmark.
     """
     import ray.data
     from ray.data.expressions import col
@@ -158,9 +159,17 @@ def read_cases(
     shards = sorted({manifest["cases"][i]["shard"] for i in ids})
     fs, _ = locations.resolve(out)
     paths = [locations.resolve(locations.join(out, s))[1] for s in shards]
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    ds = ray.data.read_parquet(
-        paths, filesystem=fs, num_cpus=num_cpus, override_num_blocks=max(blocks or 0, len(paths))
-    )
+    # the datasource is chosen when read_parquet is called; the process's setting is restored
+    context = ray.data.DataContext.get_current()
+    previous, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(
+            paths,
+            filesystem=fs,
+            num_cpus=num_cpus,
+            override_num_blocks=max(blocks or 0, len(paths)),
+        )
+    finally:
+        context.use_datasource_v2 = previous
     ds = ds.filter(expr=col("case_id").is_in(ids), num_cpus=num_cpus)
     return ds.map(decode_case, num_cpus=num_cpus) if decode else ds

@@ -142,6 +142,11 @@ def spread_blocks(cases: int) -> int:
     return max(1, min(cases, 4 * cpus))
 
 
+def _decoded_cases(data_dir, ids, cpus: float):
+    """The decoded cases, spread over blocks, every task asking for ``cpus``."""
+    return read_cases(data_dir, case_ids=ids, num_cpus=cpus, blocks=spread_blocks(len(ids)))
+
+
 CACHE_SHARE = 0.25  # cache_cases "auto": the decoded cases' share of the object store
 
 
@@ -171,10 +176,9 @@ def build_pretrain_dataset(data_dir, config: dict, epoch_offset: int = 0):
     cfg = from_dict(PretrainConfig, config)
     ids, labelled = pretraining_cases(data_dir, cfg.pretrain_label_fraction, cfg.target_images)
     num_classes = len(read_manifest(data_dir)["class_map"])
-    cpus = cfg.patches.cpus_per_data_task
-    ds = read_cases(data_dir, case_ids=ids, num_cpus=cpus, blocks=spread_blocks(len(ids))).map(
+    ds = _decoded_cases(data_dir, ids, cfg.patches.cpus_per_data_task).map(
         partial(_pretrain_case, labelled=frozenset(labelled), num_classes=num_classes),
-        num_cpus=cpus,
+        num_cpus=cfg.patches.cpus_per_data_task,
     )
     if should_cache(data_dir, ids, cfg.patches.cache_cases):
         ds = ds.materialize()
@@ -242,9 +246,8 @@ def finetune_cases(data_dir, config: dict):
     source = target_source(data_dir, cfg.source)
     lut, _ = class_lookup(data_dir, source)
     ids = finetune_case_ids(data_dir, cfg.label_fraction, source)
-    cpus = cfg.patches.cpus_per_data_task
-    return read_cases(data_dir, case_ids=ids, num_cpus=cpus, blocks=spread_blocks(len(ids))).map(
-        partial(_finetune_case, lut=lut), num_cpus=cpus
+    return _decoded_cases(data_dir, ids, cfg.patches.cpus_per_data_task).map(
+        partial(_finetune_case, lut=lut), num_cpus=cfg.patches.cpus_per_data_task
     )
 
 

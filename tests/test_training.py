@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_prep.reader import load_case, read_splits
-from mixcl_ray.evaluate import dice_per_class, nan_mean, predict_volume
+from mixcl_ray.evaluate import dice_per_class, nan_mean, validate_cases
 from mixcl_ray.feed import (
     class_lookup,
     finetune_case_ids,
@@ -144,12 +144,12 @@ def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_
     lut, names = class_lookup(prepared_benchmark, target_source(prepared_benchmark))
     model = SegmentationNet(config.model, num_classes=len(names))
     model.load_state_dict(load_checkpoint_state(result.checkpoint)["model"])
-    train_dice = []
-    for case_id in finetune_case_ids(prepared_benchmark, 1.0)[:3]:
-        case = load_case(prepared_benchmark, case_id)
-        prediction = predict_volume(model, case["image"], config.patches.patch_size, "cpu")
-        target = torch.from_numpy(lut[case["label"]])[None, None]
-        train_dice.append(float(dice_per_class(prediction, target, len(names))[0, 0]))
+    cases = [
+        load_case(prepared_benchmark, i) for i in finetune_case_ids(prepared_benchmark, 1.0)[:3]
+    ]
+    cases = [{**case, "label": lut[case["label"]]} for case in cases]
+    scores = validate_cases(model, cases, len(names), config.patches.patch_size, "cpu")
+    train_dice = [float(d[0]) for d in scores.values()]
     assert min(train_dice) > 0.5, (train_dice, losses, dice)  # measured 0.79-0.94
     assert max(dice) == pytest.approx(result.metrics["val/best_dice_mean"])
 
