@@ -75,6 +75,9 @@ def finetune_loop(loop_config: dict) -> None:
     scaler = grad_scaler(device, cfg.scaling.amp)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     start_epoch, step, best, history = 0, 0, {"dice": -1.0, "epoch": -1}, []
+    # rank 0 holds the best weights so far (on CPU) and writes them into every checkpoint, so
+    # the last checkpoint always has them and no local checkpoint folder has to outlive its upload
+    best_weights = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -82,6 +85,10 @@ def finetune_loop(loop_config: dict) -> None:
             start_epoch, step = restore_state(state, model, optimizer, scheduler, scaler)
             best = state["extra"]["best"]
             history = state["extra"].get("history", [])
+            if rank == 0 and (Path(folder) / BEST_FILE).exists():
+                best_weights = torch.load(
+                    Path(folder) / BEST_FILE, map_location="cpu", weights_only=True
+                )
     lut = np.asarray(loop_config["lut"], dtype=np.uint8)
     my_val = [
         dict(c, label=lut[c["label"]])
@@ -162,31 +169,24 @@ def finetune_loop(loop_config: dict) -> None:
                 step,
                 extra={"best": best, "history": history},
             )
-            previous = loop_config.get("_best_copy")
-            extra = {}
             if improved:
-                extra[BEST_FILE] = lambda p, b=dict(best): torch.save(
-                    {"model": unwrap(model).state_dict(), **b}, p
-                )
+                weights = unwrap(model).state_dict()
+                best_weights = {"model": {k: v.detach().cpu().clone() for k, v in weights.items()}}
+                best_weights.update(best)
+            extra = {}
+            if best_weights is not None:
+                extra[BEST_FILE] = lambda p, w=best_weights: torch.save(w, p)
             folder = save_checkpoint_dir(state, extra)
-            if not improved:
-                _carry_best(folder, previous)
-            loop_config["_best_copy"] = str(Path(folder) / BEST_FILE) if improved else previous
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
                 checkpoint_dir_name=f"epoch_{epoch:04d}",
+                delete_local_checkpoint_after_upload=True,  # persisted: the temporary copy goes
             )
         else:
             ray.train.report(metrics)
-
-
-def _carry_best(folder: str, previous: str | None) -> None:
-    """Every checkpoint carries the best weights so far, so the last one always has them."""
-    import shutil
-
-    if previous and Path(previous).exists():
-        shutil.copy(previous, Path(folder) / BEST_FILE)
+        if loop_config.get("fail_after_epoch") == epoch:  # fault injection for the resume test
+            raise RuntimeError(f"injected failure after epoch {epoch}")
 
 
 @dataclass
@@ -206,6 +206,7 @@ def run_finetuning(
     pretrained=None,
     name: str | None = None,
     callbacks: list | None = None,
+    fail_after_epoch: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune with Ray Train (Ray must be initialised); resumes a run of the same name."""
     import ray
@@ -258,6 +259,7 @@ def run_finetuning(
         "pretrained": str(pretrained) if pretrained else None,
         "steps_per_epoch": max(1, per_epoch // (config.patches.batch_size * workers)),
         "torch_threads": max(1, int(per_worker)),
+        "fail_after_epoch": fail_after_epoch,
     }
     folder, metrics, history = fit_stage(
         finetune_loop,

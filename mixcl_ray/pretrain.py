@@ -124,6 +124,7 @@ def pretrain_loop(loop_config: dict) -> None:
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
                 checkpoint_dir_name=f"epoch_{epoch:04d}",
+                delete_local_checkpoint_after_upload=True,
             )
         else:
             ray.train.report(metrics)

@@ -3,6 +3,8 @@ pre-training, checkpoints that resume, fine-tuning that loads the encoder and le
 
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from mixcl_ray.feed import (
     pretraining_cases,
     target_source,
 )
-from mixcl_ray.finetune import run_finetuning
+from mixcl_ray.finetune import BEST_FILE, run_finetuning
 from mixcl_ray.models import MixCLModel, SegmentationNet, load_pretrained
 from mixcl_ray.pretrain import run_pretraining
 from mixcl_ray.train_config import FinetuneConfig, load_config, to_dict
@@ -71,6 +73,7 @@ def _opt_steps(state):
 def test_interrupted_pretraining_resumes_with_its_optimizer_state(
     ray_session, prepared_benchmark, tmp_path
 ):
+    leftovers = set(Path(tempfile.gettempdir()).glob("mixcl-ckpt-*"))
     config = load_config(
         "pretrain",
         overrides={**QUICK, "optim": {"epochs": 2}, "scaling": {"workers": 1, "max_failures": 0}},
@@ -91,6 +94,8 @@ def test_interrupted_pretraining_resumes_with_its_optimizer_state(
     assert not torch.equal(
         first["model"]["global_head.mlp.0.weight"], second["model"]["global_head.mlp.0.weight"]
     )
+    # each checkpoint's temporary local folder is deleted once Ray Train has persisted it
+    assert set(Path(tempfile.gettempdir()).glob("mixcl-ckpt-*")) == leftovers
 
 
 def test_label_fraction_subset_equals_splits(ray_session, prepared_benchmark):
@@ -126,6 +131,33 @@ def test_finetuning_loads_the_encoder(ray_session, prepared_benchmark, pretraine
     assert result.best_model.exists()
     best = torch.load(result.best_model, weights_only=True)
     assert best["dice"] == pytest.approx(m["val/best_dice_mean"]) and best["epoch"] == 0
+
+
+def test_interrupted_finetuning_keeps_its_best_weights_and_no_local_copies(
+    ray_session, prepared_benchmark, tmp_path
+):
+    leftovers = set(Path(tempfile.gettempdir()).glob("mixcl-ckpt-*"))
+    config = load_config(
+        "finetune",
+        overrides={
+            "label_fraction": 0.5,
+            "optim": {"epochs": 2},
+            "scaling": {"workers": 1, "max_failures": 0},
+        },
+    )
+    with pytest.raises(Exception, match="injected failure"):
+        run_finetuning(prepared_benchmark, tmp_path, config, name="ft", fail_after_epoch=0)
+    assert (tmp_path / "ft/epoch_0000" / BEST_FILE).exists()
+    result = run_finetuning(prepared_benchmark, tmp_path, config, name="ft")  # resumes
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    assert result.history[-1]["resumed_from_epoch"] == 1
+    # the resumed run carries the best weights so far into its checkpoint, improved or not
+    dice = [h["val/dice_mean"] for h in result.history]
+    best = torch.load(result.best_model, weights_only=True)
+    assert result.best_model == result.checkpoint / BEST_FILE
+    assert best["epoch"] == int(np.argmax(dice)) and best["dice"] == pytest.approx(max(dice))
+    # each checkpoint's temporary local folder is deleted once Ray Train has persisted it
+    assert set(Path(tempfile.gettempdir()).glob("mixcl-ckpt-*")) == leftovers
 
 
 def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_path):
