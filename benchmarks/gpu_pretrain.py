@@ -75,7 +75,7 @@ def plain_monai(data: Path, over: dict, smoke: bool) -> dict:
     )
 
     from data_prep.reader import UNLABELLED
-    from mixcl_ray.losses import MixCLLoss
+    from mixcl_ray.losses import MixCLLoss, view_outputs
     from mixcl_ray.models import MixCLModel
     from mixcl_ray.train_config import load_config, to_dict
     from mixcl_ray.train_utils import autocast, build_optimizer, grad_scaler
@@ -124,8 +124,7 @@ def plain_monai(data: Path, over: dict, smoke: bool) -> dict:
             wait += time.perf_counter() - tick
             batch = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
             with autocast(device, "bf16"):
-                out1 = model(batch["input1"], loss_fn.heads, batch["flips1"], batch["rot1"])
-                out2 = model(batch["input2"], loss_fn.heads, batch["flips2"], batch["rot2"])
+                out1, out2 = view_outputs(model, loss_fn.heads, batch)
                 terms = loss_fn(out1, out2, batch, step=step, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()

@@ -173,7 +173,7 @@ def run_monai(data: Path, size: int, batch: int) -> dict:
 
     from data_prep.reader import read_manifest
     from mixcl_ray.feed import pretraining_cases
-    from mixcl_ray.losses import MixCLLoss
+    from mixcl_ray.losses import MixCLLoss, view_outputs
     from mixcl_ray.models import MixCLModel
     from mixcl_ray.train_config import PretrainConfig, from_dict
     from mixcl_ray.train_utils import build_optimizer, build_scheduler, grad_scaler, optimizer_step
@@ -200,8 +200,7 @@ def run_monai(data: Path, size: int, batch: int) -> dict:
         steps = 0
         for b in loader:
             b = b[0] if isinstance(b, list) else b
-            out1 = model(b["input1"], loss_fn.heads, b["flips1"], b["rot1"])
-            out2 = model(b["input2"], loss_fn.heads, b["flips2"], b["rot2"])
+            out1, out2 = view_outputs(model, loss_fn.heads, b)
             terms = loss_fn(out1, out2, b, step=steps, generator=generator)
             optimizer_step(terms["loss"], model, optimizer, scaler, scheduler, cfg.optim.grad_clip)
             steps += 1

@@ -19,7 +19,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from mixcl_ray.config import LossConfig, ModelConfig
-from mixcl_ray.losses import MixCLLoss
+from mixcl_ray.losses import MixCLLoss, sample_voxels, view_outputs
 from mixcl_ray.models import MixCLModel, SegmentationNet
 
 PRESETS = {
@@ -41,6 +41,10 @@ def _batch(size: int, b: int = 2) -> dict[str, torch.Tensor]:
         "input2": torch.rand(b, 1, size, size, size),
         "clean1": torch.rand(b, 1, size, size, size),
         "clean2": torch.rand(b, 1, size, size, size),
+        "flips1": torch.zeros(b, 3, dtype=torch.bool),
+        "flips2": torch.zeros(b, 3, dtype=torch.bool),
+        "rot1": torch.zeros(b, dtype=torch.int64),
+        "rot2": torch.zeros(b, dtype=torch.int64),
         "label": label,
         "annotated": torch.ones(b, 3, dtype=torch.bool),
     }
@@ -48,8 +52,8 @@ def _batch(size: int, b: int = 2) -> dict[str, torch.Tensor]:
 
 def mixcl_step(model, loss_fn, batch, timings):
     t0 = time.perf_counter()
-    out1 = model(batch["input1"], heads=loss_fn.heads)
-    out2 = model(batch["input2"], heads=loss_fn.heads)
+    # the corrupted views for the reconstruction head, the clean ones for the contrastive heads
+    out1, out2 = view_outputs(model, loss_fn.heads, batch)
     t1 = time.perf_counter()
     timings["model forward"] += t1 - t0
     c = loss_fn.config
@@ -59,7 +63,6 @@ def mixcl_step(model, loss_fn, batch, timings):
     parts["identity"] = loss_fn.identity(out1["global_embedding"], out2["global_embedding"])
     timings["identity loss"] += time.perf_counter() - t
     t = time.perf_counter()
-    from mixcl_ray.losses import sample_voxels
 
     e, lab, ann = sample_voxels(
         (out1["voxel_embeddings"], out2["voxel_embeddings"]),

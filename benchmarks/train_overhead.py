@@ -27,7 +27,7 @@ def plain_loop(data: Path, config: dict, steps: int, threads: int) -> float:
 
     from data_prep.reader import load_case, read_manifest
     from mixcl_ray.feed import _pretrain_case, _pretrain_examples, pretraining_cases
-    from mixcl_ray.losses import MixCLLoss
+    from mixcl_ray.losses import MixCLLoss, view_outputs
     from mixcl_ray.models import MixCLModel
     from mixcl_ray.train_config import PretrainConfig, from_dict
     from mixcl_ray.train_utils import (
@@ -66,8 +66,7 @@ def plain_loop(data: Path, config: dict, steps: int, threads: int) -> float:
     for i, batch in enumerate(batches):
         if i == 2:
             start = time.perf_counter()
-        out1 = model(batch["input1"], loss_fn.heads, batch["flips1"], batch["rot1"])
-        out2 = model(batch["input2"], loss_fn.heads, batch["flips2"], batch["rot2"])
+        out1, out2 = view_outputs(model, loss_fn.heads, batch)
         terms = loss_fn(out1, out2, batch, step=i, generator=generator)
         optimizer_step(terms["loss"], model, optimizer, scaler, scheduler, cfg.optim.grad_clip)
     return (len(batches) - 2) / (time.perf_counter() - start)

@@ -31,7 +31,7 @@ def pretrain_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from mixcl_ray.losses import MixCLLoss
+    from mixcl_ray.losses import MixCLLoss, view_outputs
     from mixcl_ray.models import MixCLModel, save_pretrained
     from mixcl_ray.train_utils import (
         autocast,
@@ -84,8 +84,7 @@ def pretrain_loop(loop_config: dict) -> None:
         ):
             wait += time.perf_counter() - tick
             with autocast(device, cfg.scaling.amp):
-                out1 = model(batch["input1"], loss_fn.heads, batch["flips1"], batch["rot1"])
-                out2 = model(batch["input2"], loss_fn.heads, batch["flips2"], batch["rot2"])
+                out1, out2 = view_outputs(model, loss_fn.heads, batch)
                 terms = loss_fn(out1, out2, batch, step=step, generator=generator)
             optimizer_step(terms["loss"], model, optimizer, scaler, scheduler, cfg.optim.grad_clip)
             for name, value in terms.items():

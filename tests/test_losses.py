@@ -14,6 +14,7 @@ from mixcl_ray.losses import (
     NonFiniteLossError,
     ReconstructionConsistencyLoss,
     sample_voxels,
+    view_outputs,
 )
 from mixcl_ray.models import MixCLModel
 
@@ -265,6 +266,44 @@ def test_every_term_alone_reaches_the_encoder_and_others_get_no_gradient(term, w
     assert encoder_grad > 0
     for other in {"global_head", "dense_head", "reconstruction_head"} - {head}:
         assert all(p.grad is None for p in getattr(model, other).parameters()), other
+
+
+@pytest.mark.parametrize(
+    "weights, contrastive_input",
+    [((1, 1, 1), "clean"), ((1, 0, 0), "input"), ((0, 1, 0), "input"), ((0, 0, 1), None)],
+)
+def test_view_outputs_give_the_contrastive_heads_clean_views(weights, contrastive_input):
+    """One forward pass for both views: with the reconstruction term and a contrastive term
+    (MixCL), the global and dense heads see the clean views and the reconstruction head the
+    corrupted ones (the identity term collapsed to chance on corrupted views); a single term
+    sees the network inputs. Each output equals that of its own forward pass."""
+    torch.manual_seed(0)
+    model = MixCLModel(ModelConfig(features=(4, 4, 8, 8, 16, 4), global_dim=8, dense_dim=8))
+    loss_fn = MixCLLoss(LossConfig(l_id=weights[0], l_label=weights[1], l_rec=weights[2]))
+    batch = _batch()
+    for v in ("1", "2"):
+        batch["input" + v] = torch.rand(2, 1, 32, 32, 32)
+        batch["flips" + v] = torch.tensor([[True, False, True], [False, False, False]])
+        batch["rot" + v] = torch.tensor([1, 3]) if v == "1" else torch.tensor([0, 2])
+    outs = view_outputs(model, loss_fn.heads, batch)
+    for v, out in zip(("1", "2"), outs, strict=True):
+        assert set(out) == {
+            {"global": "global_embedding", "dense": "voxel_embeddings"}.get(h, h)
+            for h in loss_fn.heads
+        }
+        for head, name in (("global", "global_embedding"), ("dense", "voxel_embeddings")):
+            if head in loss_fn.heads:
+                alone = model(
+                    batch[contrastive_input + v], (head,), batch["flips" + v], batch["rot" + v]
+                )
+                torch.testing.assert_close(out[name], alone[name], atol=1e-5, rtol=1e-4)
+        if "reconstruction" in loss_fn.heads:
+            alone = model(
+                batch["input" + v], ("reconstruction",), batch["flips" + v], batch["rot" + v]
+            )
+            torch.testing.assert_close(
+                out["reconstruction"], alone["reconstruction"], atol=1e-5, rtol=1e-4
+            )
 
 
 def test_total_is_the_weighted_sum():

@@ -4,6 +4,7 @@ started on 127.0.0.1 with its own SQLite file; then an interrupted sweep resumed
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -193,6 +194,32 @@ def test_sweep_records_parent_children_params_metrics_artifacts(
         "sweep/manifest.json",
         "sweep/splits.json",
     }
+    # the label-efficiency benchmark's report of this sweep: both splits and the target check
+    report = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "label_efficiency.py"),
+            "--report-only",
+            "--experiment",
+            "sweep-test",
+            "--tracking-uri",
+            mlflow_server,
+            "--storage",
+            str(tmp_path / "bench"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    out = report.stdout
+    assert "machine:" in out and "Validation Dice" in out and "Test Dice" in out
+    assert out.count("| mixcl | ") == 2 and out.count("| scratch | ") == 2
+    assert re.search(r"validation target vs scratch at 50 %: MixCL [0-9.]+ vs scratch", out)
+    assert "test target vs identity: no result at 50 %" in out
+    assert (tmp_path / "bench/label-efficiency-report/label_efficiency_val.png").stat().st_size
 
 
 def _session_processes(sid: int) -> list[psutil.Process]:

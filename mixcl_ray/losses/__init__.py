@@ -2,7 +2,7 @@
 
 from mixcl_ray.losses.identity import IdentityConsistencyLoss
 from mixcl_ray.losses.label import LabelConsistencyLoss, known_pairs, sample_voxels
-from mixcl_ray.losses.mixcl import MixCLLoss, NonFiniteLossError
+from mixcl_ray.losses.mixcl import MixCLLoss, NonFiniteLossError, view_outputs
 from mixcl_ray.losses.reconstruction import ReconstructionConsistencyLoss
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "ReconstructionConsistencyLoss",
     "known_pairs",
     "sample_voxels",
+    "view_outputs",
 ]

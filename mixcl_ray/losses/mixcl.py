@@ -89,3 +89,30 @@ class MixCLLoss(nn.Module):
             )
         terms["loss"] = loss
         return terms
+
+
+def view_outputs(
+    model: nn.Module, heads: tuple[str, ...], batch: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Both views' outputs from one forward pass of ``model`` (a ``MixCLModel``, DDP-wrapped or
+    not): ``(out1, out2)`` for ``MixCLLoss``.
+
+    The reconstruction head restores the corrupted inputs (``input1``/``input2``). When a
+    contrastive head (global, dense) is asked for as well, it sees the clean views
+    (``clean1``/``clean2``) instead: on the corrupted views (painting, local shuffling) the
+    identity term collapsed to its chance value, ln(2B - 1), with every global embedding the
+    same, while on clean views it learns. The corrupted and clean views then go through the
+    network together, 4B patches in one pass.
+    """
+    both = "reconstruction" in heads and len(heads) > 1
+    keys = ("clean1", "clean2", "input1", "input2") if both else ("input1", "input2")
+    flips = [batch["flips" + k[-1]] for k in keys]
+    rots = [batch["rot" + k[-1]] for k in keys]
+    out = model(torch.cat([batch[k] for k in keys]), heads, torch.cat(flips), torch.cat(rots))
+    b = batch["input1"].shape[0]
+
+    def part(name: str, view: int) -> torch.Tensor:
+        block = view + 2 if both and name == "reconstruction" else view
+        return out[name][block * b : (block + 1) * b]
+
+    return tuple({name: part(name, view) for name in out} for view in (0, 1))
