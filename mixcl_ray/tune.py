@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--space",
         default=str(DEFAULT_SPACE),
-        help="search space file or name in tune_spaces/ (demo, ablation, spleen, btcv)",
+        help="search space file or name in tune_spaces/ (demo, ablation, label_efficiency, search, "
+        "spleen, btcv)",
     )
     parser.add_argument(
         "--data",

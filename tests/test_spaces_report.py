@@ -13,7 +13,9 @@ from mixcl_ray.spaces import SPACES_DIR, SpaceError, load_space, to_tune_space
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
 
-@pytest.mark.parametrize("name", ["demo", "ablation", "spleen", "btcv", "search"])
+@pytest.mark.parametrize(
+    "name", ["demo", "ablation", "label_efficiency", "spleen", "btcv", "search"]
+)
 def test_shipped_spaces_are_valid(name):
     spec = load_space(SPACES / f"{name}.yaml")
     assert spec.name == name and spec.space
