@@ -75,10 +75,12 @@ def mixcl_step(model, loss_fn, batch, timings):
     parts["label"] = loss_fn.label(e, lab, ann)
     timings["label loss (incl. sampling)"] += time.perf_counter() - t
     t = time.perf_counter()
-    parts["reconstruction"] = 0.5 * (
-        loss_fn.reconstruction(out1["reconstruction"], batch["clean1"])
-        + loss_fn.reconstruction(out2["reconstruction"], batch["clean2"])
-    )
+    restored = [
+        loss_fn.reconstruction(out["reconstruction"], batch[f"clean{v}"])
+        for out, v in ((out1, "1"), (out2, "2"))
+        if "reconstruction" in out  # MixCL restores the first view only
+    ]
+    parts["reconstruction"] = sum(restored) / len(restored)
     timings["reconstruction loss"] += time.perf_counter() - t
     total = (
         c.l_id * parts["identity"] + c.l_label * parts["label"] + c.l_rec * parts["reconstruction"]

@@ -66,11 +66,13 @@ class MixCLLoss(nn.Module):
                 generator,
             )
             terms["label"] = self.label(embeddings, labels, annotated)
-        if c.l_rec > 0:
-            terms["reconstruction"] = 0.5 * (
-                self.reconstruction(out1["reconstruction"], batch["clean1"])
-                + self.reconstruction(out2["reconstruction"], batch["clean2"])
-            )
+        if c.l_rec > 0:  # the mean over the views that were reconstructed (see view_outputs)
+            restored = [
+                self.reconstruction(out["reconstruction"], batch[f"clean{v}"])
+                for out, v in ((out1, "1"), (out2, "2"))
+                if "reconstruction" in out
+            ]
+            terms["reconstruction"] = sum(restored) / len(restored)
         for name, value in terms.items():
             if not torch.isfinite(value):
                 where = f" at step {step}" if step is not None else ""
@@ -98,21 +100,24 @@ def view_outputs(
     not): ``(out1, out2)`` for ``MixCLLoss``.
 
     The reconstruction head restores the corrupted inputs (``input1``/``input2``). When a
-    contrastive head (global, dense) is asked for as well, it sees the clean views
-    (``clean1``/``clean2``) instead: on the corrupted views (painting, local shuffling) the
-    identity term collapsed to its chance value, ln(2B - 1), with every global embedding the
-    same, while on clean views it learns. The corrupted and clean views then go through the
-    network together, 4B patches in one pass.
+    contrastive head (global, dense) is asked for as well (MixCL), the contrastive heads see the
+    clean views (``clean1``/``clean2``) and only the first view's corrupted input is restored:
+    3B patches in one pass, where each term alone needs 2B. On corrupted views, even on one of
+    the two, the identity term collapsed to its chance value, ln(2B - 1), with every global
+    embedding the same; on clean views it learns.
     """
     both = "reconstruction" in heads and len(heads) > 1
-    keys = ("clean1", "clean2", "input1", "input2") if both else ("input1", "input2")
+    keys = ("clean1", "clean2", "input1") if both else ("input1", "input2")
     flips = [batch["flips" + k[-1]] for k in keys]
     rots = [batch["rot" + k[-1]] for k in keys]
     out = model(torch.cat([batch[k] for k in keys]), heads, torch.cat(flips), torch.cat(rots))
     b = batch["input1"].shape[0]
 
     def part(name: str, view: int) -> torch.Tensor:
-        block = view + 2 if both and name == "reconstruction" else view
+        block = 2 if both and name == "reconstruction" else view
         return out[name][block * b : (block + 1) * b]
 
-    return tuple({name: part(name, view) for name in out} for view in (0, 1))
+    return tuple(
+        {name: part(name, view) for name in out if not (both and name == "reconstruction" and view)}
+        for view in (0, 1)
+    )
