@@ -70,8 +70,10 @@ def report(tracking_uri: str, experiment: str, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for key, name in (("val", "validation"), ("test", "test")):
         summary = summarise(rows, key)
-        print(f"\n{name} split, best validation epoch's weights" if key == "test" else "")
-        print(render_table(summary).replace("Test-split Dice", f"{name.capitalize()} Dice", 1))
+        print()
+        if key == "test":
+            print("test split, best validation epoch's weights")
+        print(render_table(summary, split=name.capitalize()))
         for line in target_check(summary):
             print(f"{name} {line}")
         plot = out_dir / f"label_efficiency_{key}.png"

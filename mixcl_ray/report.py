@@ -68,11 +68,11 @@ def summarise(rows: list[dict], key: str = "test") -> dict:
     }
 
 
-def render_table(summary: dict) -> str:
+def render_table(summary: dict, split: str = "Test-split") -> str:
     fractions = sorted({f for by in summary.values() for f in by})
     header = "| method | " + " | ".join(f"{100 * f:g} % labels" for f in fractions) + " |"
     lines = [
-        "Test-split Dice (mean ± std over seeds, n runs); in brackets the gain over scratch.",
+        f"{split} Dice (mean ± std over seeds, n runs); in brackets the gain over scratch.",
         "",
         header,
         "|" + "---|" * (len(fractions) + 1),
