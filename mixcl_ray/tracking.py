@@ -193,6 +193,17 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 
 
+def fail_run(uri: str, run_id: str, err: BaseException) -> None:
+    """Close a run as FAILED with the error in the tag ``mixcl.error``, unless someone else (the
+    sweep driver, after a scheduler stop) has closed it already: a stopped trial's thread can
+    outlive the driver's bookkeeping and fail late, when its Train run is torn down."""
+    client = _client(uri)
+    if client.get_run(run_id).info.status != "RUNNING":
+        return
+    client.set_tag(run_id, "mixcl.error", f"{type(err).__name__}: {err}"[:1000])
+    client.set_terminated(run_id, status="FAILED")
+
+
 def set_tags(uri: str, run_id: str, tags: dict) -> None:
     client = _client(uri)
     for key, value in tags.items():

@@ -78,6 +78,7 @@ def trial_params(sample: dict, pre_cfg, ft_cfg, ctx: dict) -> dict:
         "lr": ft_cfg.optim.lr,
         "pretrain_epochs": pre_cfg.optim.epochs if pre_cfg else 0,
         "finetune_epochs": ft_cfg.optim.epochs,
+        "load_decoder": ft_cfg.load_decoder if pre_cfg else "",
         "preset": ctx["preset"],
         "data_fingerprint": ctx["fingerprint"][:16],
         "workers": ft_cfg.scaling.workers,
@@ -298,6 +299,10 @@ def run_trial(config: dict, sweep: dict) -> None:
             },
         )
         tracking.end_run(uri, run_id, "FINISHED")
-    except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
+    except SystemExit:
+        # Tune stops a trial's thread with SystemExit (scheduler stop, sweep end): the sweep
+        # driver closes such runs as early stopped, or the next resume as interrupted
+        raise
+    except BaseException as err:
+        tracking.fail_run(uri, run_id, err)
         raise

@@ -202,3 +202,22 @@ def test_sweep_cost_variants_and_the_cache_switch(tmp_path):
     bad.write_text(yaml.safe_dump({**space, "pretrain_cache": "sometimes"}))
     with pytest.raises(SpaceError, match="pretrain_cache must be true or false"):
         load_space(bad)
+
+
+def test_a_late_failure_keeps_the_status_the_sweep_driver_gave(tmp_path):
+    """A trial stopped by the scheduler is closed as KILLED by the sweep driver; its thread may
+    fail afterwards, when its Train run is torn down, and must not turn it into FAILED."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "late", tmp_path / "artifacts")
+    stopped = tracking.start_run(uri, exp, "stopped", {"mixcl.stage": "trial"})
+    tracking.end_run(uri, stopped, "KILLED")
+    tracking.fail_run(uri, stopped, RuntimeError("controller died"))
+    broken = tracking.start_run(uri, exp, "broken", {"mixcl.stage": "trial"})
+    tracking.fail_run(uri, broken, ValueError("bad case spleen_3"))
+    client = MlflowClient(uri)
+    assert client.get_run(stopped).info.status == "KILLED"
+    assert "mixcl.error" not in client.get_run(stopped).data.tags
+    assert client.get_run(broken).info.status == "FAILED"
+    assert client.get_run(broken).data.tags["mixcl.error"] == "ValueError: bad case spleen_3"
