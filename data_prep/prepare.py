@@ -313,74 +313,83 @@ def prepare(
         ):
             return PrepareResult(out, True, len(old.get("cases", {})), old.get("skipped", []))
 
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()  # a Ray started here is shut down here: the
+    if started_ray:  # caller's own ray.init (another address, other resources) comes after
         ray.init(logging_level="WARNING", log_to_driver=False)
-    max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    if remote:  # staged on local disk, uploaded once every case is written
-        tmp = Path(tempfile.mkdtemp(prefix="mixcl-prepare-"))
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir()
     try:
-        infos, input_bytes = {}, 0
-        writer = ShardWriter(tmp, options.cases_per_shard)
-        try:
-            jobs = (
-                (case, ds.labels, _lookup(ds, class_map), preset, ds.modality)
-                for ds in sources
-                for case in ds.cases
-            )
-            total = sum(len(ds.cases) for ds in sources)
-            for result in _run_tasks(jobs, total, max_in_flight, progress):
-                if "error" in result:
-                    if not options.skip_bad:
-                        raise DataPrepError(result["error"])
-                    skipped.append(
-                        {"case": result["case"], "path": result["path"], "problem": result["error"]}
-                    )
-                    continue
-                info = result["info"]
-                info["shard"] = writer.add(result["row"])
-                input_bytes += info.pop("input_bytes")
-                infos[result["row"]["case_id"]] = info
-        finally:
-            writer.close()
-        if not infos:
-            raise DataPrepError("no case could be prepared; see the skipped cases above")
-        infos = dict(sorted(infos.items()))
-        splits = make_splits(
-            ((cid, i["source"], i["labelled"], i["given_split"]) for cid, i in infos.items()),
-            seed=options.seed,
-            val_ratio=options.val_ratio,
-            test_ratio=options.test_ratio,
-            fractions=options.label_fractions,
-        )
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "input_fingerprint": fingerprint,
-            "options": asdict(options),
-            "preset": preset.as_dict(),
-            "spacing": list(preset.spacing),
-            "class_map": class_map,
-            "target_source": target,
-            "sources": {s.name: _source_summary(s, infos, class_map) for s in sources},
-            "shards": writer.shards,
-            "cases": infos,
-            "skipped": sorted(skipped, key=lambda s: s["case"]),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        (tmp / SPLITS).write_text(json.dumps(splits, indent=1))
-        if remote:
-            _upload(tmp, out, writer.shards)
+        max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        if remote:  # staged on local disk, uploaded once every case is written
+            tmp = Path(tempfile.mkdtemp(prefix="mixcl-prepare-"))
         else:
-            _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if remote:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return PrepareResult(
-        out, False, len(infos), manifest["skipped"], time.perf_counter() - start, input_bytes
-    )
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir()
+        try:
+            infos, input_bytes = {}, 0
+            writer = ShardWriter(tmp, options.cases_per_shard)
+            try:
+                jobs = (
+                    (case, ds.labels, _lookup(ds, class_map), preset, ds.modality)
+                    for ds in sources
+                    for case in ds.cases
+                )
+                total = sum(len(ds.cases) for ds in sources)
+                for result in _run_tasks(jobs, total, max_in_flight, progress):
+                    if "error" in result:
+                        if not options.skip_bad:
+                            raise DataPrepError(result["error"])
+                        skipped.append(
+                            {
+                                "case": result["case"],
+                                "path": result["path"],
+                                "problem": result["error"],
+                            }
+                        )
+                        continue
+                    info = result["info"]
+                    info["shard"] = writer.add(result["row"])
+                    input_bytes += info.pop("input_bytes")
+                    infos[result["row"]["case_id"]] = info
+            finally:
+                writer.close()
+            if not infos:
+                raise DataPrepError("no case could be prepared; see the skipped cases above")
+            infos = dict(sorted(infos.items()))
+            splits = make_splits(
+                ((cid, i["source"], i["labelled"], i["given_split"]) for cid, i in infos.items()),
+                seed=options.seed,
+                val_ratio=options.val_ratio,
+                test_ratio=options.test_ratio,
+                fractions=options.label_fractions,
+            )
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "input_fingerprint": fingerprint,
+                "options": asdict(options),
+                "preset": preset.as_dict(),
+                "spacing": list(preset.spacing),
+                "class_map": class_map,
+                "target_source": target,
+                "sources": {s.name: _source_summary(s, infos, class_map) for s in sources},
+                "shards": writer.shards,
+                "cases": infos,
+                "skipped": sorted(skipped, key=lambda s: s["case"]),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            (tmp / SPLITS).write_text(json.dumps(splits, indent=1))
+            if remote:
+                _upload(tmp, out, writer.shards)
+            else:
+                _swap_in(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if remote:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return PrepareResult(
+            out, False, len(infos), manifest["skipped"], time.perf_counter() - start, input_bytes
+        )
+    finally:
+        if started_ray:
+            ray.shutdown()

@@ -229,3 +229,25 @@ def test_inspect_cli_summarises(prepared_benchmark):
         "unlabelled",
     ):
         assert expected in text
+
+
+def test_prepare_shuts_down_the_ray_it_started(tmp_path):
+    """A caller that prepares data, then starts Ray its own way (another address, other
+    resources, as the sweep and the benchmarks do), must not find prepare's instance."""
+    root = make_msd(tmp_path / "Task09_Own", n=2)
+    code = (
+        "import sys, ray\n"
+        "from data_prep.prepare import prepare\n"
+        "prepare([sys.argv[1]], sys.argv[2], progress=False)\n"
+        "assert not ray.is_initialized(), 'prepare left its Ray instance running'\n"
+        "ray.init(num_cpus=1, include_dashboard=False)\n"
+        "ray.shutdown()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(root), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "manifest.json").exists()
