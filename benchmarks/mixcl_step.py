@@ -19,7 +19,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from mixcl_ray.config import LossConfig, ModelConfig
-from mixcl_ray.losses import MixCLLoss, sample_voxels, view_outputs
+from mixcl_ray.losses import MixCLLoss, view_outputs
 from mixcl_ray.models import MixCLModel, SegmentationNet
 
 PRESETS = {
@@ -63,24 +63,10 @@ def mixcl_step(model, loss_fn, batch, timings):
     parts["identity"] = loss_fn.identity(out1["global_embedding"], out2["global_embedding"])
     timings["identity loss"] += time.perf_counter() - t
     t = time.perf_counter()
-
-    e, lab, ann = sample_voxels(
-        (out1["voxel_embeddings"], out2["voxel_embeddings"]),
-        batch["label"],
-        batch["annotated"],
-        c.voxels_per_class,
-        c.background_voxels,
-        gen,
-    )
-    parts["label"] = loss_fn.label(e, lab, ann)
+    parts["label"] = loss_fn.label_term(out1, out2, batch, gen)
     timings["label loss (incl. sampling)"] += time.perf_counter() - t
     t = time.perf_counter()
-    restored = [
-        loss_fn.reconstruction(out["reconstruction"], batch[f"clean{v}"])
-        for out, v in ((out1, "1"), (out2, "2"))
-        if "reconstruction" in out  # MixCL restores the first view only
-    ]
-    parts["reconstruction"] = sum(restored) / len(restored)
+    parts["reconstruction"] = loss_fn.reconstruction_term(out1, out2, batch)
     timings["reconstruction loss"] += time.perf_counter() - t
     total = (
         c.l_id * parts["identity"] + c.l_label * parts["label"] + c.l_rec * parts["reconstruction"]

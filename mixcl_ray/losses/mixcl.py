@@ -41,6 +41,29 @@ class MixCLLoss(nn.Module):
             if w > 0
         )
 
+    def label_term(self, out1, out2, batch, generator=None) -> torch.Tensor:
+        """Supervised contrast of voxels sampled per annotated class from both views."""
+        c = self.config
+        embeddings, labels, annotated = sample_voxels(
+            (out1["voxel_embeddings"], out2["voxel_embeddings"]),
+            batch["label"],
+            batch["annotated"],
+            c.voxels_per_class,
+            c.background_voxels,
+            generator,
+        )
+        return self.label(embeddings, labels, annotated)
+
+    def reconstruction_term(self, out1, out2, batch) -> torch.Tensor:
+        """The mean over the views that were reconstructed (MixCL restores the first view only,
+        see ``view_outputs``)."""
+        restored = [
+            self.reconstruction(out["reconstruction"], batch[f"clean{v}"])
+            for out, v in ((out1, "1"), (out2, "2"))
+            if "reconstruction" in out
+        ]
+        return sum(restored) / len(restored)
+
     def forward(
         self,
         out1: dict[str, torch.Tensor],
@@ -57,22 +80,9 @@ class MixCLLoss(nn.Module):
         if c.l_id > 0:
             terms["identity"] = self.identity(out1["global_embedding"], out2["global_embedding"])
         if c.l_label > 0:
-            embeddings, labels, annotated = sample_voxels(
-                (out1["voxel_embeddings"], out2["voxel_embeddings"]),
-                batch["label"],
-                batch["annotated"],
-                c.voxels_per_class,
-                c.background_voxels,
-                generator,
-            )
-            terms["label"] = self.label(embeddings, labels, annotated)
-        if c.l_rec > 0:  # the mean over the views that were reconstructed (see view_outputs)
-            restored = [
-                self.reconstruction(out["reconstruction"], batch[f"clean{v}"])
-                for out, v in ((out1, "1"), (out2, "2"))
-                if "reconstruction" in out
-            ]
-            terms["reconstruction"] = sum(restored) / len(restored)
+            terms["label"] = self.label_term(out1, out2, batch, generator)
+        if c.l_rec > 0:
+            terms["reconstruction"] = self.reconstruction_term(out1, out2, batch)
         for name, value in terms.items():
             if not torch.isfinite(value):
                 where = f" at step {step}" if step is not None else ""
