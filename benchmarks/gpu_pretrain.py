@@ -4,7 +4,7 @@ feeding the same model and loss, bf16 autocast) on the same GPU, in the same run
 and the SwinUNETR backbone at 96^3. Prints patches/s, the GPU-busy share (step time not spent
 waiting for data) and peak GPU memory of each, and the ratios.
 
-    python benchmarks/gpu_pretrain.py [--data DIR] [--steps 25]
+    python benchmarks/gpu_pretrain.py [--data DIR] [--steps 25] [--shuffle-buffers 32 8 0]
     python benchmarks/gpu_pretrain.py --smoke        # CPU, tiny sizes: checks it runs (CI)
 
 On a machine without CUDA it runs the smoke version. Each side's first epoch (start-up,
@@ -36,7 +36,7 @@ def overrides(backbone: str, size: int, smoke: bool, steps: int, cases: int) -> 
     }
 
 
-def ours(data: Path, over: dict, smoke: bool) -> dict:
+def ours(data: Path, over: dict, smoke: bool, shuffle_buffer: int | None) -> dict:
     import ray
 
     from mixcl_ray.pretrain import init_ray, run_pretraining
@@ -48,8 +48,10 @@ def ours(data: Path, over: dict, smoke: bool) -> dict:
     )  # with the dashboard: Train uses it
     init_ray()
     over = dict(over, scaling={"workers": 1, "use_gpu": gpu, "amp": "bf16"})
-    if not smoke:
-        over["patches"] = dict(over["patches"], cpus_per_data_task=1.0)
+    patches = dict(over["patches"], **({} if smoke else {"cpus_per_data_task": 1.0}))
+    if shuffle_buffer is not None:
+        patches["shuffle_buffer"] = shuffle_buffer
+    over["patches"] = patches
     config = load_config("pretrain", "cpu-tiny" if smoke else "paper", overrides=over)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -136,6 +138,13 @@ def main(argv=None) -> int:
         help="at least this many steps of 2 patches in the measured epoch (rounded up to whole "
         "patches per case; 29 on the built-in benchmark)",
     )
+    parser.add_argument(
+        "--shuffle-buffers",
+        type=int,
+        nargs="+",
+        help="measure our side once per local shuffle buffer size (patches.shuffle_buffer; 0: "
+        "none); default: the paper preset's",
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes")
     parser.add_argument(
         "--backbones",
@@ -167,13 +176,16 @@ def main(argv=None) -> int:
         size = (SMOKE_SIZES if smoke else SIZES)[backbone]
         over = overrides(backbone, size, smoke, steps, cases)
         try:
-            plain = plain_monai(data, over, smoke)
-            mine = ours(data, over, smoke)
+            rows = [("plain MONAI loop", plain_monai(data, over, smoke))]
+            for buffer in args.shuffle_buffers or [None]:
+                name = "mixcl_ray Ray Train" + ("" if buffer is None else f", buffer {buffer}")
+                rows.append((name, ours(data, over, smoke, buffer)))
         except Exception as err:  # the other backbone's figures still count
             print(f"| {backbone} | {size}^3 | failed: {type(err).__name__}: {err} | | | | |")
             failed.append(backbone)
             continue
-        for name, r in (("plain MONAI loop", plain), ("mixcl_ray Ray Train", mine)):
+        plain = rows[0][1]
+        for name, r in rows:
             print(
                 f"| {backbone} | {size}^3 | {name} | {r['patches_per_s']:.2f} | "
                 f"{100 * r['busy_share']:.1f} % | {r['gpu_mem_gib']:.2f} | "

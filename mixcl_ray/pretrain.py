@@ -80,7 +80,7 @@ def pretrain_loop(loop_config: dict) -> None:
             batch_size=cfg.patches.batch_size,
             device=device,
             drop_last=True,
-            local_shuffle_buffer_size=cfg.patches.shuffle_buffer,
+            local_shuffle_buffer_size=cfg.patches.local_shuffle_buffer,
         ):
             wait += time.perf_counter() - tick
             with autocast(device, cfg.scaling.amp):

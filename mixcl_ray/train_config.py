@@ -33,7 +33,9 @@ class PatchConfig:
     # (False, memory bounded whatever the corpus), or "auto": cache when the decoded cases fill
     # at most CACHE_SHARE of the cluster's object store
     cache_cases: bool | str = "auto"
-    shuffle_buffer: int = 32  # patches mixed across cases before batching
+    # patches mixed across cases before batching; 0: none. Each epoch's first batch waits until
+    # the buffer holds 1.5x this many patches plus a batch (Ray Data's shuffling batcher)
+    shuffle_buffer: int = 32
     cpus_per_data_task: float = 0.5
 
     def __post_init__(self):
@@ -50,10 +52,16 @@ class PatchConfig:
             "pos/neg must be >= 0, not both 0",
         )
         _check(self.cpus_per_data_task > 0, "cpus_per_data_task must be > 0")
+        _check(self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         _check(
             self.cache_cases in (True, False, "auto"),
             f"cache_cases must be true, false or auto, got {self.cache_cases!r}",
         )
+
+    @property
+    def local_shuffle_buffer(self) -> int | None:
+        """Ray Data's local_shuffle_buffer_size: None turns the shuffling batcher off."""
+        return self.shuffle_buffer or None
 
 
 @dataclass(frozen=True)
@@ -145,8 +153,14 @@ class FinetuneConfig:
 
 
 PAPER_MODEL = ModelConfig(features=(16, 32, 64, 128, 256, 16), global_dim=128, dense_dim=64)
+# a shuffle buffer of 8 (first batch after 14 patches) instead of 32 (after 50): on an H200,
+# 0.92x (UNet) and 0.90x (SwinUNETR) the plain MONAI loop's patches/s instead of 0.77x / 0.80x
 PAPER_PATCHES = PatchConfig(
-    patch_size=(96, 96, 96), patches_per_case=4, batch_size=2, cpus_per_data_task=1.0
+    patch_size=(96, 96, 96),
+    patches_per_case=4,
+    batch_size=2,
+    cpus_per_data_task=1.0,
+    shuffle_buffer=8,
 )
 PAPER_SCALING = ScalingSettings(workers=1, use_gpu=True)
 

@@ -76,7 +76,11 @@ def test_interrupted_pretraining_resumes_with_its_optimizer_state(
     leftovers = set(Path(tempfile.gettempdir()).glob("mixcl-ckpt-*"))
     config = load_config(
         "pretrain",
-        overrides={**QUICK, "optim": {"epochs": 2}, "scaling": {"workers": 1, "max_failures": 0}},
+        overrides={
+            "patches": {**QUICK["patches"], "shuffle_buffer": 0},  # no shuffling batcher
+            "optim": {"epochs": 2},
+            "scaling": {"workers": 1, "max_failures": 0},
+        },
     )
     with pytest.raises(Exception, match="injected failure"):
         run_pretraining(prepared_benchmark, tmp_path, config, name="resume", fail_after_epoch=0)
@@ -209,6 +213,15 @@ def test_finetune_cli_from_scratch(prepared_benchmark, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fine-tuning finetune-" in proc.stdout and "best validation Dice" in proc.stdout
+
+
+def test_shuffle_buffer_zero_turns_the_shuffling_batcher_off():
+    assert load_config("pretrain").patches.local_shuffle_buffer == 32
+    assert load_config("pretrain", "paper").patches.local_shuffle_buffer == 8
+    off = load_config("pretrain", overrides={"patches": {"shuffle_buffer": 0}})
+    assert off.patches.local_shuffle_buffer is None
+    with pytest.raises(ValueError, match="shuffle_buffer must be >= 0, got -1"):
+        load_config("finetune", overrides={"patches": {"shuffle_buffer": -1}})
 
 
 def test_cli_rejects_unknown_config_keys(prepared_benchmark, tmp_path):
