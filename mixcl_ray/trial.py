@@ -85,6 +85,22 @@ def trial_params(sample: dict, pre_cfg, ft_cfg, ctx: dict) -> dict:
     }
 
 
+def trial_key(params: dict, pre_cfg, ft_cfg) -> str:
+    """What identifies a trial's result (its MLflow run, its fine-tuning folder): the params and
+    every resolved setting of both stages, so that a sweep whose fixed ``pretrain:`` or
+    ``finetune:`` overrides differ (e.g. ``min_patches_per_epoch``) trains again instead of
+    taking another sweep's result for its own."""
+    from mixcl_ray.train_config import to_dict
+
+    identity = {
+        "params": params,
+        "pretrain": to_dict(pre_cfg) if pre_cfg is not None else None,
+        "finetune": to_dict(ft_cfg),
+    }
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def cached_pretraining(pre_cfg, ctx: dict, owner: str = "") -> tuple[Path, str, bool]:
     """(pretrained.pt, cache key, reused?) for a pre-training config; trains it once. With
     the sweep's ``pretrain_cache`` off, the key includes ``owner`` (the trial's key): every
@@ -231,7 +247,7 @@ def run_trial(config: dict, sweep: dict) -> None:
         overrides=finetune_overrides(sample, _deep(ctx["finetune"], {"scaling": scaling})),
     )
     params = trial_params(sample, pre_cfg, ft_cfg, ctx)
-    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    key = trial_key(params, pre_cfg, ft_cfg)
     uri = ctx["uri"]
     done = tracking.find_run(uri, ctx["experiment_id"], ("mixcl.trial_key", key), ctx["parent_id"])
     if done is not None and done.info.status == "FINISHED":

@@ -221,3 +221,25 @@ def test_a_late_failure_keeps_the_status_the_sweep_driver_gave(tmp_path):
     assert "mixcl.error" not in client.get_run(stopped).data.tags
     assert client.get_run(broken).info.status == "FAILED"
     assert client.get_run(broken).data.tags["mixcl.error"] == "ValueError: bad case spleen_3"
+
+
+def test_trial_key_changes_with_any_fixed_stage_setting():
+    """Two sweeps whose spaces differ only in a fixed ``finetune:`` (or ``pretrain:``) override
+    must not share a trial key: the key names the MLflow run and the fine-tuning folder a trial
+    resumes or reuses."""
+    from mixcl_ray.train_config import load_config
+    from mixcl_ray.trial import trial_key, trial_params
+
+    ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
+    sample = {"method": "mixcl", "label_fraction": 0.05, "seed": 0}
+
+    def key(pre_over=None, ft_over=None):
+        pre = load_config("pretrain", overrides=pre_over or {})
+        ft = load_config("finetune", overrides={"label_fraction": 0.05, **(ft_over or {})})
+        return trial_key(trial_params(sample, pre, ft, ctx), pre, ft)
+
+    base = key()
+    assert key() == base  # stable: a resumed trial finds its run and folder again
+    assert key(ft_over={"min_patches_per_epoch": "full"}) != base
+    assert key(ft_over={"patches": {"patch_size": [48, 48, 48]}}) != base
+    assert key(pre_over={"views": {"noise_std": 0.05}}) != base
