@@ -72,6 +72,7 @@ def pretrain_loop(loop_config: dict) -> None:
     for epoch in range(start_epoch, cfg.optim.epochs):
         model.train()
         sums: dict[str, float] = {}
+        excess, labelled_batches = 0.0, 0
         batches = patches = 0
         wait = 0.0
         start = time.perf_counter()
@@ -85,10 +86,16 @@ def pretrain_loop(loop_config: dict) -> None:
             wait += time.perf_counter() - tick
             with autocast(device, cfg.scaling.amp):
                 out1, out2 = view_outputs(model, loss_fn.heads, batch)
-                terms = loss_fn(out1, out2, batch, step=step, generator=generator)
+                diagnostics = {}
+                terms = loss_fn(
+                    out1, out2, batch, step=step, generator=generator, diagnostics=diagnostics
+                )
             optimizer_step(terms["loss"], model, optimizer, scaler, scheduler, cfg.optim.grad_clip)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
+            if "label_excess" in diagnostics:
+                excess += float(diagnostics["label_excess"])
+                labelled_batches += 1
             batches += 1
             patches += batch["input1"].shape[0]
             step += 1
@@ -109,6 +116,12 @@ def pretrain_loop(loop_config: dict) -> None:
                 "resumed_from_epoch": start_epoch,  # > 0: this worker group restarted there
             }
         )
+        if cfg.loss.l_label > 0:
+            # the label term is 0 on batches without labelled voxels, so its mean alone mixes
+            # how often a batch holds labels with how well they are separated
+            metrics["train/label_batch_share"] = labelled_batches / max(1, batches)
+            if labelled_batches:
+                metrics["train/label_excess"] = excess / labelled_batches
         if device.type == "cuda":
             metrics["train/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if rank == 0:

@@ -13,6 +13,7 @@ from mixcl_ray.losses import (
     MixCLLoss,
     NonFiniteLossError,
     ReconstructionConsistencyLoss,
+    label_floor,
     sample_voxels,
     view_outputs,
 )
@@ -118,6 +119,35 @@ def test_separated_classes_give_a_lower_label_loss_than_random():
     separated = torch.eye(8)[labels] + 0.01 * torch.randn(40, 8)
     loss = LabelConsistencyLoss(0.1)
     assert loss(separated, labels, annotated) < 0.5 * loss(torch.randn(40, 8), labels, annotated)
+
+
+def test_label_floor_is_the_loss_of_perfectly_separated_classes_and_a_lower_bound():
+    labels = torch.arange(1, 5).repeat_interleave(10)  # 4 classes x 10 voxels: 9 positives each
+    annotated = torch.ones(40, 5, dtype=torch.bool)
+    floor = label_floor(labels, annotated).item()
+    assert floor == pytest.approx(math.log(9))
+    loss = LabelConsistencyLoss(0.01)
+    assert loss(torch.eye(8)[labels], labels, annotated).item() == pytest.approx(floor, abs=1e-4)
+    for seed in range(5):
+        emb, lab, ann = _random_voxels(seed=seed)
+        assert LabelConsistencyLoss(0.1)(emb, lab, ann).item() > label_floor(lab, ann).item()
+    assert label_floor(torch.tensor([1, 2, 0]), torch.ones(3, 3, dtype=torch.bool)) is None
+
+
+def test_mixcl_reports_the_label_excess_only_for_batches_with_labels():
+    model = MixCLModel(ModelConfig(features=(4, 4, 8, 8, 16, 4), global_dim=8, dense_dim=8))
+    loss_fn = MixCLLoss(LossConfig())
+    out1 = model(torch.rand(2, 1, 32, 32, 32), heads=loss_fn.heads)
+    out2 = model(torch.rand(2, 1, 32, 32, 32), heads=loss_fn.heads)
+    batch, diagnostics = _batch(), {}
+    terms = loss_fn(
+        out1, out2, batch, generator=torch.Generator().manual_seed(0), diagnostics=diagnostics
+    )
+    assert set(terms) == {"loss", "identity", "label", "reconstruction"}
+    assert 0 < diagnostics["label_excess"].item() < terms["label"].item()
+    unlabelled, diagnostics = dict(batch, label=torch.full_like(batch["label"], 255)), {}
+    loss_fn(out1, out2, unlabelled, diagnostics=diagnostics)
+    assert diagnostics == {}
 
 
 def test_partial_labels_never_make_false_negatives():

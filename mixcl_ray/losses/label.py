@@ -91,6 +91,18 @@ class LabelConsistencyLoss(nn.Module):
         return per_anchor.mean()
 
 
+def label_floor(labels: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor | None:
+    """The lowest value ``LabelConsistencyLoss`` can take on these voxels: the mean over anchors
+    of log |P(i)|, reached when every anchor's positives are equally close to it and its
+    negatives infinitely far. It grows with the voxels sampled per class, so the loss alone
+    does not say how far from solved the term is; the loss minus this floor does (0: solved).
+    None when no anchor has a positive (the loss is then 0)."""
+    positives, _ = known_pairs(labels, annotated.bool())
+    counts = positives.sum(dim=1)
+    counts = counts[counts > 0]
+    return torch.log(counts.float()).mean() if counts.numel() else None
+
+
 def sample_voxels(
     voxel_embeddings: tuple[torch.Tensor, ...],
     labels: torch.Tensor,

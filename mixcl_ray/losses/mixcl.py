@@ -13,7 +13,7 @@ from torch import nn
 
 from mixcl_ray.config import LossConfig
 from mixcl_ray.losses.identity import IdentityConsistencyLoss
-from mixcl_ray.losses.label import LabelConsistencyLoss, sample_voxels
+from mixcl_ray.losses.label import LabelConsistencyLoss, label_floor, sample_voxels
 from mixcl_ray.losses.reconstruction import ReconstructionConsistencyLoss
 
 
@@ -41,8 +41,10 @@ class MixCLLoss(nn.Module):
             if w > 0
         )
 
-    def label_term(self, out1, out2, batch, generator=None) -> torch.Tensor:
-        """Supervised contrast of voxels sampled per annotated class from both views."""
+    def label_term(self, out1, out2, batch, generator=None, diagnostics=None) -> torch.Tensor:
+        """Supervised contrast of voxels sampled per annotated class from both views.
+        ``diagnostics`` (a dict), when given, gets ``label_excess``: the term minus its floor
+        (``label_floor``), only for a batch with labelled voxels."""
         c = self.config
         embeddings, labels, annotated = sample_voxels(
             (out1["voxel_embeddings"], out2["voxel_embeddings"]),
@@ -52,7 +54,12 @@ class MixCLLoss(nn.Module):
             c.background_voxels,
             generator,
         )
-        return self.label(embeddings, labels, annotated)
+        loss = self.label(embeddings, labels, annotated)
+        if diagnostics is not None:
+            floor = label_floor(labels, annotated)
+            if floor is not None:
+                diagnostics["label_excess"] = loss.detach() - floor
+        return loss
 
     def reconstruction_term(self, out1, out2, batch) -> torch.Tensor:
         """The mean over the views that were reconstructed (MixCL restores the first view only,
@@ -71,16 +78,18 @@ class MixCLLoss(nn.Module):
         batch: dict[str, torch.Tensor],
         step: int | None = None,
         generator: torch.Generator | None = None,
+        diagnostics: dict | None = None,
     ) -> dict[str, torch.Tensor]:
         """out1/out2: model outputs of the two views, ``voxel_embeddings`` already mapped back
         to the patch frame (B, E, X, Y, Z); batch: ``clean1``/``clean2`` (B, 1, X, Y, Z),
-        ``label`` (B, X, Y, Z) and ``annotated`` (B, K) bool. Returns ``loss`` and each term."""
+        ``label`` (B, X, Y, Z) and ``annotated`` (B, K) bool. Returns ``loss`` and each term;
+        ``diagnostics``, when given, gets what is not a term (see ``label_term``)."""
         c = self.config
         terms: dict[str, torch.Tensor] = {}
         if c.l_id > 0:
             terms["identity"] = self.identity(out1["global_embedding"], out2["global_embedding"])
         if c.l_label > 0:
-            terms["label"] = self.label_term(out1, out2, batch, generator)
+            terms["label"] = self.label_term(out1, out2, batch, generator, diagnostics)
         if c.l_rec > 0:
             terms["reconstruction"] = self.reconstruction_term(out1, out2, batch)
         for name, value in terms.items():
