@@ -5,7 +5,8 @@ and MixCL, mean ± std over three seeds (the CPU preset), with the check of the 
     MixCL at 5 % >= scratch at 5 % + 5 Dice points, and >= every single-term baseline at 5 %.
 
 It runs the study ``tune_spaces/label_efficiency.yaml`` with ``python -m mixcl_ray.tune`` (45
-fine-tunings, 12 pre-trainings; hours on two CPU cores; ``--resume`` continues an interrupted
+fine-tunings, 12 pre-trainings; every fine-tuning trains for as many steps as the 100 % one,
+about 5 minutes each, so about 5 hours on two CPU cores; ``--resume`` continues an interrupted
 one), then reads the finished trials from MLflow, prints both tables and saves the plot.
 
     python benchmarks/label_efficiency.py [--storage runs/label-efficiency] [--resume]

@@ -238,6 +238,22 @@ def finetune_case_ids(data_dir, label_fraction: float, source: str | None = None
     return ids
 
 
+def finetune_epoch_size(data_dir, cfg) -> tuple[int, int]:
+    """(patches per epoch, repeats of each case) of a fine-tuning (a ``FinetuneConfig``): the
+    label fraction's cases x ``patches_per_case``, the cases repeated up to
+    ``min_patches_per_epoch`` patches. "full": up to what fine-tuning on every labelled training
+    case of the source takes, so that every label fraction gets the same number of steps."""
+    source = target_source(data_dir, cfg.source)
+    per_epoch = len(finetune_case_ids(data_dir, cfg.label_fraction, source))
+    per_epoch *= cfg.patches.patches_per_case
+    floor = cfg.min_patches_per_epoch
+    if floor == "full":
+        floor = len(read_splits(data_dir)["sources"][source]["train"])
+        floor *= cfg.patches.patches_per_case
+    repeats = max(1, -(-floor // per_epoch))
+    return per_epoch * repeats, repeats
+
+
 def finetune_cases(data_dir, config: dict):
     """Ray Dataset of the label-fraction cases, labels in the target's class indices."""
     from mixcl_ray.train_config import FinetuneConfig, from_dict
@@ -257,8 +273,7 @@ def build_finetune_dataset(data_dir, config: dict, epoch_offset: int = 0):
 
     cfg = from_dict(FinetuneConfig, config)
     ids = finetune_case_ids(data_dir, cfg.label_fraction, cfg.source)
-    per_epoch = len(ids) * cfg.patches.patches_per_case
-    repeats = max(1, -(-cfg.min_patches_per_epoch // per_epoch))
+    _, repeats = finetune_epoch_size(data_dir, cfg)
     ds = finetune_cases(data_dir, config)
     if should_cache(data_dir, ids, cfg.patches.cache_cases):
         ds = ds.materialize()

@@ -212,7 +212,12 @@ def run_finetuning(
     import ray
 
     from data_prep.reader import read_manifest, read_splits
-    from mixcl_ray.feed import build_finetune_dataset, class_lookup, target_source
+    from mixcl_ray.feed import (
+        build_finetune_dataset,
+        class_lookup,
+        finetune_epoch_size,
+        target_source,
+    )
     from mixcl_ray.models import SegmentationNet, check_patch_size, load_pretrained
     from mixcl_ray.pretrain import PRETRAINED_FILE
     from mixcl_ray.train_utils import cpus_per_worker, fit_stage, resume_epoch, run_name
@@ -244,9 +249,7 @@ def run_finetuning(
     )
     workers = config.scaling.workers
     per_worker = cpus_per_worker(config.scaling, ray.cluster_resources().get("CPU", 1))
-    n_train = len(splits["label_fractions"][f"{config.label_fraction:g}"])
-    per_epoch = n_train * config.patches.patches_per_case
-    per_epoch *= max(1, -(-config.min_patches_per_epoch // per_epoch))
+    per_epoch, _ = finetune_epoch_size(data_dir, config)
     storage = ensure_writable(storage)
     run_dir = locations.join(storage, name)
     dataset = build_finetune_dataset(data_dir, config_dict, epoch_offset=resume_epoch(run_dir))

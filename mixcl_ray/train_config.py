@@ -136,7 +136,10 @@ class FinetuneConfig:
     label_fraction: float = 1.0
     source: str | None = None  # target source; None: the manifest's target_source
     load_decoder: bool = True
-    min_patches_per_epoch: int = 64  # small label fractions repeat their cases up to this
+    # small label fractions repeat their cases up to this many patches an epoch; "full": up to
+    # what all the source's labelled training cases make, the same number of steps at every
+    # label fraction
+    min_patches_per_epoch: int | str = 64
     val_every: int = 1
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
@@ -149,6 +152,11 @@ class FinetuneConfig:
         _check(
             self.val_every > 0 and 0 <= self.sw_overlap < 1,
             "val_every must be > 0 and sw_overlap in [0, 1)",
+        )
+        m = self.min_patches_per_epoch
+        _check(
+            m == "full" or (isinstance(m, int) and not isinstance(m, bool) and m > 0),
+            f"min_patches_per_epoch must be a positive integer or 'full', got {m!r}",
         )
 
 

@@ -16,13 +16,14 @@ from mixcl_ray.feed import (
     class_lookup,
     finetune_case_ids,
     finetune_cases,
+    finetune_epoch_size,
     pretraining_cases,
     target_source,
 )
 from mixcl_ray.finetune import BEST_FILE, run_finetuning
 from mixcl_ray.models import MixCLModel, SegmentationNet, load_pretrained
 from mixcl_ray.pretrain import run_pretraining
-from mixcl_ray.train_config import FinetuneConfig, load_config, to_dict
+from mixcl_ray.train_config import FinetuneConfig, load_config, merge, to_dict
 from mixcl_ray.train_utils import load_checkpoint_state
 
 pytestmark = pytest.mark.slow
@@ -49,6 +50,8 @@ def test_two_worker_pretraining_reports_every_term_and_checkpoints(pretrained):
     ):
         assert key in m and np.isfinite(m[key]), key
     assert m["train/loss_label"] > 0 and 0 <= m["train/data_wait_share"] < 1
+    # some batches hold labelled voxels (18 of the 58 cases); on them the term is above its floor
+    assert 0 < m["train/label_batch_share"] <= 1 and m["train/label_excess"] > 0
     assert (pretrained.checkpoint / "state.pt").exists() and pretrained.pretrained.exists()
     assert [h["epoch"] for h in pretrained.history] == [0]
 
@@ -213,6 +216,26 @@ def test_finetune_cli_from_scratch(prepared_benchmark, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fine-tuning finetune-" in proc.stdout and "best validation Dice" in proc.stdout
+
+
+def test_full_epochs_give_every_label_fraction_the_steps_of_all_labels(prepared_benchmark):
+    source = read_splits(prepared_benchmark)["sources"]["Task09_SynthSpleen"]
+    per_case = FinetuneConfig().patches.patches_per_case
+    everything = len(source["train"]) * per_case
+    full = load_config("finetune", overrides={"min_patches_per_epoch": "full"})
+    assert finetune_epoch_size(prepared_benchmark, full) == (everything, 1)
+    for fraction in (0.05, 0.15):
+        cases = len(source["label_fractions"][str(fraction)])
+        few = load_config("finetune", overrides={"label_fraction": fraction})
+        size, repeats = finetune_epoch_size(prepared_benchmark, few)
+        assert size == cases * per_case * repeats >= 64 > size - cases * per_case
+        size, repeats = finetune_epoch_size(
+            prepared_benchmark, merge(few, {"min_patches_per_epoch": "full"})
+        )
+        assert size == cases * per_case * repeats >= everything > size - cases * per_case
+    for bad in ("half", 0, True):
+        with pytest.raises(ValueError, match="min_patches_per_epoch must be a positive integer"):
+            load_config("finetune", overrides={"min_patches_per_epoch": bad})
 
 
 def test_shuffle_buffer_zero_turns_the_shuffling_batcher_off():
