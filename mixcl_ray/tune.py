@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mixcl_ray.tune",
         description="Run a label-efficiency study: Ray Tune over loss weights, temperatures and label "
         "fractions; each trial pre-trains (cached) and fine-tunes on Ray Train; MLflow records every run. "
-        "With no arguments: the built-in demo on the synthetic benchmark, on CPU (about 18 minutes on 2 cores).",
+        "With no arguments: the built-in demo on the synthetic benchmark, on CPU (about 17 minutes on 2 cores).",
     )
     parser.add_argument(
         "--space",
