@@ -61,10 +61,16 @@ class LabelConsistencyLoss(nn.Module):
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor
     ) -> torch.Tensor:
+        return self.loss_and_floor(embeddings, labels, annotated)[0]
+
+    def loss_and_floor(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """embeddings: (N, E) voxel embeddings; labels: (N,) class ids (0 = background);
         annotated: (N, K) bool, the classes each voxel's source annotates.
 
-        Returns 0 (with a gradient path) when no anchor has a positive.
+        Returns the loss and its floor (see ``label_floor``, from the same pair masks); the loss
+        is 0 (with a gradient path) and the floor None when no anchor has a positive.
         """
         if (
             embeddings.ndim != 2
@@ -78,7 +84,7 @@ class LabelConsistencyLoss(nn.Module):
         positives, negatives = known_pairs(labels, annotated.bool())
         anchors = positives.any(dim=1)
         if not anchors.any():
-            return embeddings.sum() * 0.0
+            return embeddings.sum() * 0.0, None
         e = F.normalize(upcast(embeddings), dim=1)
         logits = e @ e.T / self.temperature  # (N, N)
         denominator = (positives | negatives)[anchors]
@@ -88,7 +94,7 @@ class LabelConsistencyLoss(nn.Module):
         pos = positives[anchors].float()
         log_prob = logits[anchors] - log_den[:, None]
         per_anchor = -(log_prob * pos).sum(dim=1) / pos.sum(dim=1)
-        return per_anchor.mean()
+        return per_anchor.mean(), _floor(positives)
 
 
 def label_floor(labels: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor | None:
@@ -97,7 +103,10 @@ def label_floor(labels: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor |
     negatives infinitely far. It grows with the voxels sampled per class, so the loss alone
     does not say how far from solved the term is; the loss minus this floor does (0: solved).
     None when no anchor has a positive (the loss is then 0)."""
-    positives, _ = known_pairs(labels, annotated.bool())
+    return _floor(known_pairs(labels, annotated.bool())[0])
+
+
+def _floor(positives: torch.Tensor) -> torch.Tensor | None:
     counts = positives.sum(dim=1)
     counts = counts[counts > 0]
     return torch.log(counts.float()).mean() if counts.numel() else None

@@ -13,7 +13,7 @@ from torch import nn
 
 from mixcl_ray.config import LossConfig
 from mixcl_ray.losses.identity import IdentityConsistencyLoss
-from mixcl_ray.losses.label import LabelConsistencyLoss, label_floor, sample_voxels
+from mixcl_ray.losses.label import LabelConsistencyLoss, sample_voxels
 from mixcl_ray.losses.reconstruction import ReconstructionConsistencyLoss
 
 
@@ -54,11 +54,9 @@ class MixCLLoss(nn.Module):
             c.background_voxels,
             generator,
         )
-        loss = self.label(embeddings, labels, annotated)
-        if diagnostics is not None:
-            floor = label_floor(labels, annotated)
-            if floor is not None:
-                diagnostics["label_excess"] = loss.detach() - floor
+        loss, floor = self.label.loss_and_floor(embeddings, labels, annotated)
+        if diagnostics is not None and floor is not None:
+            diagnostics["label_excess"] = loss.detach() - floor
         return loss
 
     def reconstruction_term(self, out1, out2, batch) -> torch.Tensor:
