@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mixcl_ray.config import LossConfig, ModelConfig
+from mixcl_ray.data.pairs import example_keys, restored_views
 from mixcl_ray.losses import (
     IdentityConsistencyLoss,
     LabelConsistencyLoss,
@@ -378,3 +379,31 @@ def test_label_consistency_alone_on_an_unlabelled_batch_still_backpropagates():
     terms["loss"].backward()
     grads = [p.grad for p in model.dense_head.parameters()]
     assert all(g is not None and not g.any() for g in grads)
+
+
+@pytest.mark.parametrize(
+    "weights, restored",
+    [
+        ((1, 1, 1), 1),
+        ((1, 0, 1), 1),
+        ((0, 1, 1), 1),
+        ((0, 0, 1), 2),
+        ((1, 1, 0), 0),
+        ((1, 0, 0), 0),
+    ],
+)
+def test_a_step_needs_only_the_arrays_the_feed_ships(weights, restored):
+    """The feed ships ``example_keys(restored_views(...))`` and nothing else (MixCL: no second
+    corrupted view): the step of every term combination runs on exactly those arrays."""
+    assert restored_views(*weights) == restored
+    model = MixCLModel(ModelConfig(features=(4, 4, 8, 8, 16, 4), global_dim=8, dense_dim=8))
+    loss_fn = MixCLLoss(LossConfig(l_id=weights[0], l_label=weights[1], l_rec=weights[2]))
+    full = _batch()
+    for v in ("1", "2"):
+        full["input" + v] = torch.rand(2, 1, 32, 32, 32)
+        full["flips" + v] = torch.zeros(2, 3, dtype=torch.bool)
+        full["rot" + v] = torch.zeros(2, dtype=torch.int64)
+    batch = {k: full[k] for k in (*example_keys(restored), "annotated")}
+    terms = loss_fn(*view_outputs(model, loss_fn.heads, batch), batch, step=1)
+    terms["loss"].backward()
+    assert torch.isfinite(terms["loss"])

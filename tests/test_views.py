@@ -8,6 +8,7 @@ import torch
 
 from mixcl_ray.data.corruptions import (
     CorruptionConfig,
+    bezier_curve,
     corrupt,
     inpaint,
     local_shuffle,
@@ -22,7 +23,13 @@ from mixcl_ray.data.patches import (
     sample_centres,
     sample_patches,
 )
-from mixcl_ray.data.views import ViewConfig, apply_spatial, augment_intensity, invert_spatial
+from mixcl_ray.data.views import (
+    ViewConfig,
+    apply_spatial,
+    augment_intensity,
+    gaussian_noise,
+    invert_spatial,
+)
 
 
 @pytest.mark.parametrize(
@@ -61,6 +68,21 @@ def test_voxel_correspondence_between_two_views():
     assert torch.allclose(back1[0, 0], torch.from_numpy(patch)) and torch.allclose(back1, back2)
 
 
+@pytest.mark.parametrize("restored", [0, 1, 2])
+def test_only_the_restored_views_are_corrupted(restored):
+    rng = np.random.default_rng(3)
+    patch = rng.random((16, 16, 16)).astype(np.float32)
+    always = CorruptionConfig(nonlinear_prob=1.0, shuffle_prob=1.0, paint_prob=1.0)
+    ex = make_pretrain_example(
+        patch, np.zeros((16, 16, 16), np.uint8), rng, corruptions=always, restored=restored
+    )
+    for index, v in enumerate(("1", "2")):
+        if index < restored:
+            assert not np.array_equal(ex["input" + v], ex["clean" + v])
+        else:
+            assert ex["input" + v] is ex["clean" + v]  # not corrupted, not copied
+
+
 def test_views_differ_in_intensity_independently():
     rng = np.random.default_rng(1)
     patch = rng.random((8, 8, 8)).astype(np.float32)
@@ -85,6 +107,34 @@ def test_intensity_augmentation_ranges():
     assert y.min() > -0.2 and y.max() < 1.4
 
 
+def test_intensity_augmentation_is_the_gamma_scale_shift_formula():
+    x = np.random.default_rng(7).random((1, 8, 8, 8)).astype(np.float32) * 0.8 + 0.1
+    config = ViewConfig(noise_std=0)
+    y = augment_intensity(x, np.random.default_rng(1), config)
+    rng = np.random.default_rng(1)
+    gamma, scale, shift = (rng.uniform(*r) for r in (config.gamma, config.scale, config.shift))
+    lo, hi = float(x.min()), float(x.max())
+    want = (((x - lo) / (hi - lo)) ** gamma * (hi - lo) + lo) * scale + shift
+    assert y.dtype == np.float32 and np.allclose(y, want, atol=1e-5)
+    flat = augment_intensity(np.full((4, 4, 4), 0.3, np.float32), np.random.default_rng(1), config)
+    assert np.allclose(flat, 0.3 * scale + shift)
+    noisy = augment_intensity(x, np.random.default_rng(1), ViewConfig(noise_std=0.05))
+    assert noisy.dtype == np.float32 and 0 < np.abs(noisy - y).mean() < 0.05
+
+
+def test_gaussian_noise_windows():
+    a = gaussian_noise((8, 16, 16), np.random.default_rng(4), 0.5)
+    b = gaussian_noise((8, 16, 16), np.random.default_rng(4), 0.5)
+    c = gaussian_noise((8, 16, 16), np.random.default_rng(5), 0.5)
+    assert a.dtype == np.float32 and a.shape == (8, 16, 16)
+    assert np.array_equal(a, b) and not np.allclose(a, c)  # seeded: reproducible, not constant
+    big = gaussian_noise((64, 64, 64), np.random.default_rng(6), 2.0)
+    assert abs(big.mean()) < 0.02 and abs(big.std() - 2.0) < 0.02
+    assert abs(np.corrcoef(a.ravel(), c.ravel())[0, 1]) < 0.1
+    huge = gaussian_noise((2, 1 << 22), np.random.default_rng(7), 1.0)  # more than the bank
+    assert huge.shape == (2, 1 << 22) and abs(huge.std() - 1.0) < 0.01
+
+
 def test_rot90_needs_a_square_plane():
     with pytest.raises(ValueError, match="square"):
         apply_spatial(np.zeros((4, 6, 4)), np.zeros(3, bool), 1)
@@ -98,6 +148,17 @@ def test_nonlinear_curve_maps_unit_interval_monotonically():
         d = np.diff(y)
         assert y.min() >= 0 and y.max() <= 1
         assert (d >= -1e-6).all() or (d <= 1e-6).all()
+
+
+def test_tabulated_curve_matches_interpolating_the_bezier_points():
+    x = np.random.default_rng(0).random((4, 32, 32, 32)).astype(np.float32)
+    x[0, 0, 0, :3] = [0.0, 1.0, 0.5]
+    for seed in range(100):
+        xs, ys = bezier_curve(np.random.default_rng(seed))
+        y = nonlinear_transform(x, np.random.default_rng(seed))  # the same curve
+        error = np.abs(y - np.interp(x, xs, ys))
+        assert y.dtype == np.float32 and y.shape == x.shape
+        assert error.mean() < 1e-4 and error.max() < 0.01
 
 
 def test_local_shuffle_permutes_within_blocks():

@@ -46,9 +46,23 @@ def bezier_curve(rng: np.random.Generator, n: int = 1000) -> tuple[np.ndarray, n
     return xs, ys
 
 
+CURVE_TABLE = 1 << 14  # samples of the intensity curve on a uniform grid over [0, 1]
+
+
 def nonlinear_transform(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The Bezier intensity curve applied to x clipped to [0, 1].
+
+    The curve is tabulated once per call on a uniform grid of 2^14 points and each voxel reads
+    its nearest entry: ``np.interp`` on the curve's 1000 unevenly spaced points
+    binary-searches every voxel and took 70 % of a 32^3 example's augmentation time; this
+    takes a sixth of it at 32^3 and a twelfth at 96^3. Against ``np.interp``, the mean error
+    is below 1e-4 and the largest 0.008, where the curve is nearly vertical (tested)."""
     xs, ys = bezier_curve(rng)
-    return np.interp(np.clip(x, 0.0, 1.0), xs, ys).astype(np.float32)
+    table = np.interp(np.linspace(0.0, 1.0, CURVE_TABLE), xs, ys).astype(np.float32)
+    t = np.clip(x, 0.0, 1.0, dtype=np.float32)
+    t *= np.float32(CURVE_TABLE - 1)
+    t += np.float32(0.5)
+    return table.take(t.astype(np.uint16))
 
 
 def local_shuffle(

@@ -10,6 +10,30 @@ from mixcl_ray.data.views import ViewConfig, apply_spatial, augment_intensity, r
 
 DEFAULT_VIEWS = ViewConfig()
 DEFAULT_CORRUPTIONS = CorruptionConfig()
+GEOMETRY = ("flips1", "flips2", "rot1", "rot2", "label")
+
+
+def restored_views(l_id: float, l_label: float, l_rec: float) -> int:
+    """How many views' corrupted inputs the reconstruction head restores, as
+    ``mixcl_ray.losses.mixcl.view_outputs`` reads a batch: 0 without the term, 1 when a
+    contrastive term runs as well (MixCL: the contrastive heads see the clean views), 2 when it
+    runs alone."""
+    if l_rec <= 0:
+        return 0
+    return 1 if l_id > 0 or l_label > 0 else 2
+
+
+def example_keys(restored: int) -> tuple[str, ...]:
+    """The arrays a training step reads when ``restored`` views are restored: the network's
+    inputs, the reconstruction targets and the views' geometry. Without reconstruction the
+    inputs are the clean views themselves (no ``clean*``); MixCL needs no second corrupted
+    input."""
+    images = {
+        0: ("input1", "input2"),
+        1: ("clean1", "clean2", "input1"),
+        2: ("clean1", "clean2", "input1", "input2"),
+    }[restored]
+    return images + GEOMETRY
 
 
 def make_pretrain_example(
@@ -18,24 +42,25 @@ def make_pretrain_example(
     rng: np.random.Generator,
     views: ViewConfig = DEFAULT_VIEWS,
     corruptions: CorruptionConfig | None = DEFAULT_CORRUPTIONS,
+    restored: int = 2,
 ) -> dict[str, np.ndarray]:
     """image: (X, Y, Z) float32 patch; label: (X, Y, Z) uint8 (255 = unlabelled).
 
-    Returns input1/input2 (1, X, Y, Z): the network inputs (corrupted views when
-    ``corruptions`` is given); clean1/clean2 (1, X, Y, Z): the views before corruption (the
-    reconstruction targets); flips1/flips2 (3,) bool and rot1/rot2 (): the spatial transform of
-    each view; label (X, Y, Z) in the patch's own frame.
+    Returns clean1/clean2 (1, X, Y, Z): the two views (the reconstruction targets);
+    input1/input2 (1, X, Y, Z): the network inputs, the views corrupted when ``corruptions`` is
+    given, only the first ``restored`` of them (the others are the clean views, not copied);
+    flips1/flips2 (3,) bool and rot1/rot2 (): the spatial transform of each view; label
+    (X, Y, Z) in the patch's own frame.
     """
     example: dict[str, np.ndarray] = {"label": label}
-    for v in ("1", "2"):
+    for index, v in enumerate(("1", "2")):
         flips, rot = random_spatial(rng, views)
         clean = augment_intensity(
             apply_spatial(image[None], flips, rot), rng, views
         )  # (1, X, Y, Z)
         example[f"clean{v}"] = clean
-        example[f"input{v}"] = (
-            corrupt(clean, rng, corruptions) if corruptions is not None else clean
-        )
+        restore = corruptions is not None and index < restored
+        example[f"input{v}"] = corrupt(clean, rng, corruptions) if restore else clean
         example[f"flips{v}"] = flips
         example[f"rot{v}"] = np.int64(rot)
     return example

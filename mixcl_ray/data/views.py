@@ -73,11 +73,42 @@ def invert_spatial(x: torch.Tensor, flips: torch.Tensor, rots: torch.Tensor) -> 
 
 
 def augment_intensity(x: np.ndarray, rng: np.random.Generator, config: ViewConfig) -> np.ndarray:
-    """Random gamma, scale, shift and Gaussian noise on an image in [0, 1]; returns float32."""
+    """Random gamma, scale, shift and Gaussian noise on an image in [0, 1]; returns float32.
+    In float32 and in place: in float64 with a new array per step it took a third of a 32^3
+    example's augmentation time."""
+    x = np.asarray(x, dtype=np.float32)
     lo, hi = float(x.min()), float(x.max())
-    unit = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    unit = unit ** rng.uniform(*config.gamma)
-    y = (unit * (hi - lo) + lo) * rng.uniform(*config.scale) + rng.uniform(*config.shift)
+    gamma = rng.uniform(*config.gamma)
+    scale = rng.uniform(*config.scale)
+    shift = rng.uniform(*config.shift)
+    if hi > lo:  # ((x - lo) / (hi - lo)) ** gamma * (hi - lo) * scale + lo * scale + shift
+        y = np.subtract(x, np.float32(lo))
+        y *= np.float32(1.0 / (hi - lo))
+        np.power(y, np.float32(gamma), out=y)
+        y *= np.float32((hi - lo) * scale)
+        y += np.float32(lo * scale + shift)
+    else:
+        y = np.full(x.shape, lo * scale + shift, dtype=np.float32)
     if config.noise_std > 0:
-        y = y + rng.normal(0.0, rng.uniform(0, config.noise_std), size=x.shape)
-    return y.astype(np.float32)
+        sigma = rng.uniform(0, config.noise_std)
+        y += gaussian_noise(x.shape, rng, sigma)
+    return y
+
+
+NOISE_BANK = 1 << 22  # standard normal values per process (16 MB)
+_bank: np.ndarray | None = None
+
+
+def gaussian_noise(shape: tuple[int, ...], rng: np.random.Generator, std: float) -> np.ndarray:
+    """Zero-mean normal noise of ``shape`` and standard deviation ``std`` (float32): a window at a random offset into a bank of
+    ``NOISE_BANK`` values drawn once per process (from a fixed seed, so the same ``rng`` gives
+    the same noise in any process), with a random sign. Drawing 96^3 normal values took 8 ms,
+    two thirds of a view's augmentation; the window costs a copy. Voxel by voxel, two windows
+    at different offsets are independent draws."""
+    global _bank
+    n = int(np.prod(shape))
+    if _bank is None or _bank.size < n:
+        _bank = np.random.default_rng(0).standard_normal(max(NOISE_BANK, n), dtype=np.float32)
+    start = int(rng.integers(0, _bank.size - n + 1))
+    sign = -1.0 if rng.random() < 0.5 else 1.0
+    return np.float32(sign * std) * _bank[start : start + n].reshape(shape)
