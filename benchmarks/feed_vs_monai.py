@@ -93,13 +93,19 @@ def run_ray(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: i
     """Our feed: Ray Data tasks sample and augment, the consumer iterates batches."""
     import ray
 
-    from mixcl_ray.feed import build_pretrain_dataset
+    from mixcl_ray.feed import RAY_RUNTIME_ENV, build_pretrain_dataset
     from mixcl_ray.pretrain import init_ray
 
-    ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING")
+    ray.init(
+        num_cpus=workers,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env=RAY_RUNTIME_ENV,
+    )
     init_ray()
     config = pretrain_config(size, ppc)
-    config["patches"]["cpus_per_data_task"] = float(os.environ.get("FEED_TASK_CPUS", "1.0"))
+    if "FEED_TASK_CPUS" in os.environ:  # else the default (0.5: two tasks share a CPU)
+        config["patches"]["cpus_per_data_task"] = float(os.environ["FEED_TASK_CPUS"])
     times, counts = [], []
     with TreeMemory() as memory:
         start = time.perf_counter()
@@ -125,12 +131,16 @@ class TwoViews:
         self.cfg = from_dict(PretrainConfig, config)
 
     def __call__(self, item: dict) -> dict:
-        from mixcl_ray.data.pairs import make_pretrain_example
+        from mixcl_ray.data.pairs import example_keys, make_pretrain_example, restored_views
 
         rng = np.random.default_rng()
         image = np.asarray(item["image"])[0]
         label = np.asarray(item["label"])[0].astype(np.uint8)
-        example = make_pretrain_example(image, label, rng, self.cfg.views, self.cfg.corruptions)
+        loss = self.cfg.loss
+        restored = restored_views(loss.l_id, loss.l_label, loss.l_rec)
+        corruptions = self.cfg.corruptions if restored else None
+        example = make_pretrain_example(image, label, rng, self.cfg.views, corruptions, restored)
+        example = {k: example[k] for k in example_keys(restored)}  # what our feed ships
         example["annotated"] = np.asarray(item["annotated"])
         return example
 
@@ -218,14 +228,22 @@ def profile(data: Path, size: int, ppc: int, cases: int = 6) -> dict:
     """Where a patch's time goes: sampling/cropping, views, corruptions (in one process)."""
     from data_prep.reader import load_case
     from mixcl_ray.data.corruptions import corrupt
+    from mixcl_ray.data.pairs import restored_views
     from mixcl_ray.data.patches import sample_patches
-    from mixcl_ray.data.views import apply_spatial, augment_intensity, random_spatial
+    from mixcl_ray.data.views import (
+        apply_spatial,
+        augment_intensity,
+        gaussian_noise,
+        random_spatial,
+    )
     from mixcl_ray.feed import pretraining_cases
     from mixcl_ray.train_config import PretrainConfig, from_dict
 
     cfg = from_dict(PretrainConfig, pretrain_config(size, ppc))
+    restored = restored_views(cfg.loss.l_id, cfg.loss.l_label, cfg.loss.l_rec)
     ids, _ = pretraining_cases(data, 1.0, True)
     rng = np.random.default_rng(0)
+    gaussian_noise((1,), rng, 1.0)  # draws the noise bank: once per process, not per patch
     spent = {"decode case": 0.0, "sample + crop": 0.0, "two views": 0.0, "corruptions": 0.0}
     n = 0
     for case_id in ids[:cases]:
@@ -236,14 +254,15 @@ def profile(data: Path, size: int, ppc: int, cases: int = 6) -> dict:
         images, _ = sample_patches(case["image"], case["label"], (size,) * 3, ppc, rng)
         spent["sample + crop"] += time.perf_counter() - t
         for image in images:
-            for _ in range(2):
+            for view in range(2):
                 t = time.perf_counter()
                 flips, rot = random_spatial(rng, cfg.views)
                 clean = augment_intensity(apply_spatial(image[None], flips, rot), rng, cfg.views)
                 spent["two views"] += time.perf_counter() - t
-                t = time.perf_counter()
-                corrupt(clean, rng, cfg.corruptions)
-                spent["corruptions"] += time.perf_counter() - t
+                if view < restored:  # MixCL corrupts the first view only
+                    t = time.perf_counter()
+                    corrupt(clean, rng, cfg.corruptions)
+                    spent["corruptions"] += time.perf_counter() - t
             n += 1
     total = sum(spent.values())
     return {k: {"ms_per_patch": 1000 * v / n, "share": v / total} for k, v in spent.items()}

@@ -204,8 +204,16 @@ def init_ray(address: str | None = None) -> None:
 
     import ray
 
+    from mixcl_ray.feed import RAY_RUNTIME_ENV, refresh_limits_often
+
     if not ray.is_initialized():
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        ray.init(
+            address=address,
+            logging_level="WARNING",
+            log_to_driver=False,
+            runtime_env=RAY_RUNTIME_ENV,
+        )
+    refresh_limits_often()  # datasets iterated in this process execute here
     from ray.data import DataContext
 
     context = DataContext.get_current()  # the stages report their own progress per epoch
