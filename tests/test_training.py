@@ -238,6 +238,44 @@ def test_full_epochs_give_every_label_fraction_the_steps_of_all_labels(prepared_
             load_config("finetune", overrides={"min_patches_per_epoch": bad})
 
 
+@pytest.mark.parametrize(
+    "loss, restored", [({}, 1), ({"l_id": 0, "l_label": 0}, 2), ({"l_rec": 0}, 0)]
+)
+def test_the_feed_ships_only_what_the_step_reads(ray_session, prepared_benchmark, loss, restored):
+    from mixcl_ray.data.pairs import example_keys
+    from mixcl_ray.feed import build_pretrain_dataset
+
+    config = load_config("pretrain", overrides={**QUICK, "loss": loss})
+    batch = build_pretrain_dataset(prepared_benchmark, to_dict(config)).take_batch(4)
+    assert set(batch) == {*example_keys(restored), "annotated"}
+    if restored == 1:  # MixCL: the first view corrupted, its clean version kept as the target
+        assert not np.array_equal(batch["input1"], batch["clean1"])
+
+
+def test_every_ray_process_rereads_the_data_limits_often(ray_session):
+    """The setup hook that mixcl_ray starts Ray with (the test session starts it the same way)
+    reaches task and actor processes, where Ray Train's split coordinator executes datasets."""
+    import ray
+
+    from mixcl_ray.feed import LIMITS_REFRESH_S
+
+    def interval():
+        from ray.data._internal.execution.resource_manager import ResourceManager
+
+        return ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def interval(self):
+            return interval()
+
+    assert interval() == LIMITS_REFRESH_S  # this driver
+    assert ray.get(ray.remote(num_cpus=0)(interval).remote()) == LIMITS_REFRESH_S
+    probe = Probe.remote()
+    assert ray.get(probe.interval.remote()) == LIMITS_REFRESH_S
+    ray.kill(probe)
+
+
 def test_shuffle_buffer_zero_turns_the_shuffling_batcher_off():
     assert load_config("pretrain").patches.local_shuffle_buffer == 32
     assert load_config("pretrain", "paper").patches.local_shuffle_buffer == 8
