@@ -48,9 +48,11 @@ def plain_loop(data: Path, config: dict, steps: int, threads: int) -> float:
         one = _pretrain_case(row, frozenset(labelled), num_classes)
         batch = _pretrain_examples({k: [v] for k, v in one.items()}, config, 0)
         examples += [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input1"]))]
-        if len(examples) >= (steps + 2) * cfg.patches.batch_size:
-            break
+    # every case, shuffled, as the feed mixes them: batches of one case each (the cases in id
+    # order) had another share of labelled batches, and the label term's cost depends on it
+    order = np.random.default_rng(0).permutation(len(examples))
     b = cfg.patches.batch_size
+    examples = [examples[i] for i in order[: (steps + 2) * b]]
     batches = [
         {k: torch.as_tensor(np.stack([e[k] for e in examples[i : i + b]])) for k in examples[0]}
         for i in range(0, len(examples) - b + 1, b)
