@@ -93,16 +93,10 @@ def run_ray(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: i
     """Our feed: Ray Data tasks sample and augment, the consumer iterates batches."""
     import ray
 
-    from mixcl_ray.feed import RAY_RUNTIME_ENV, build_pretrain_dataset
+    from mixcl_ray.feed import build_pretrain_dataset
     from mixcl_ray.pretrain import init_ray
 
-    ray.init(
-        num_cpus=workers,
-        include_dashboard=False,
-        logging_level="WARNING",
-        runtime_env=RAY_RUNTIME_ENV,
-    )
-    init_ray()
+    init_ray(num_cpus=workers, include_dashboard=False)
     config = pretrain_config(size, ppc)
     if "FEED_TASK_CPUS" in os.environ:  # else the default (0.5: two tasks share a CPU)
         config["patches"]["cpus_per_data_task"] = float(os.environ["FEED_TASK_CPUS"])
@@ -131,16 +125,13 @@ class TwoViews:
         self.cfg = from_dict(PretrainConfig, config)
 
     def __call__(self, item: dict) -> dict:
-        from mixcl_ray.data.pairs import example_keys, make_pretrain_example, restored_views
+        from mixcl_ray.data.pairs import loss_example
 
         rng = np.random.default_rng()
         image = np.asarray(item["image"])[0]
         label = np.asarray(item["label"])[0].astype(np.uint8)
-        loss = self.cfg.loss
-        restored = restored_views(loss.l_id, loss.l_label, loss.l_rec)
-        corruptions = self.cfg.corruptions if restored else None
-        example = make_pretrain_example(image, label, rng, self.cfg.views, corruptions, restored)
-        example = {k: example[k] for k in example_keys(restored)}  # what our feed ships
+        cfg = self.cfg  # the arrays our feed ships
+        example = loss_example(image, label, rng, cfg.views, cfg.corruptions, cfg.loss)
         example["annotated"] = np.asarray(item["annotated"])
         return example
 

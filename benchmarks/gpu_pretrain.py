@@ -39,17 +39,11 @@ def overrides(backbone: str, size: int, smoke: bool, steps: int, cases: int) -> 
 def ours(data: Path, over: dict, smoke: bool, shuffle_buffer: int | None) -> dict:
     import ray
 
-    from mixcl_ray.feed import RAY_RUNTIME_ENV
     from mixcl_ray.pretrain import init_ray, run_pretraining
     from mixcl_ray.train_config import load_config
 
     gpu = not smoke
-    ray.init(  # with the dashboard: Train uses it
-        logging_level="WARNING",
-        runtime_env=RAY_RUNTIME_ENV,
-        **({"num_cpus": 2} if smoke else {}),
-    )
-    init_ray()
+    init_ray(**({"num_cpus": 2} if smoke else {}))  # with the dashboard: Train uses it
     over = dict(over, scaling={"workers": 1, "use_gpu": gpu, "amp": "bf16"})
     patches = dict(over["patches"], **({} if smoke else {"cpus_per_data_task": 1.0}))
     if shuffle_buffer is not None:

@@ -115,16 +115,14 @@ def run_ours(data: Path, size: int, batch: int) -> dict:
     """One epoch of our Ray Train pre-training (2 workers, Ray Data feed)."""
     import ray
 
-    from mixcl_ray.feed import RAY_RUNTIME_ENV, pretraining_cases, should_cache
+    from mixcl_ray.feed import pretraining_cases, should_cache
     from mixcl_ray.pretrain import init_ray, run_pretraining
     from mixcl_ray.train_config import PretrainConfig, from_dict
 
     config = from_dict(PretrainConfig, _config(size, batch))
     with TreeMemory() as memory, tempfile.TemporaryDirectory() as storage:
         start = time.perf_counter()
-        # Train wants the dashboard
-        ray.init(num_cpus=2, logging_level="WARNING", runtime_env=RAY_RUNTIME_ENV)
-        init_ray()
+        init_ray(num_cpus=2)  # with the dashboard: Train wants it
         ids, _ = pretraining_cases(data, config.pretrain_label_fraction, config.target_images)
         cached = should_cache(data, ids, config.patches.cache_cases)
         store = ray.cluster_resources().get("object_store_memory", 0)

@@ -78,13 +78,10 @@ def ray_train(data: Path, overrides: dict, storage: Path) -> tuple[float, float,
     """(steps/s after the first epoch, data-wait share after the first epoch, history)."""
     import ray
 
-    from mixcl_ray.feed import RAY_RUNTIME_ENV
     from mixcl_ray.pretrain import init_ray, run_pretraining
     from mixcl_ray.train_config import load_config
 
-    # Train wants the dashboard
-    ray.init(num_cpus=os.cpu_count(), logging_level="WARNING", runtime_env=RAY_RUNTIME_ENV)
-    init_ray()
+    init_ray(num_cpus=os.cpu_count())  # with the dashboard: Train wants it
     config = load_config("pretrain", overrides=overrides)
     result = run_pretraining(data, storage, config, name="overhead")
     ray.shutdown()

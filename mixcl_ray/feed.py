@@ -16,7 +16,7 @@ import numpy as np
 
 from data_prep.reader import UNLABELLED, read_cases, read_manifest, read_splits
 from data_prep.splits import fraction_key
-from mixcl_ray.data.pairs import example_keys, make_pretrain_example, restored_views
+from mixcl_ray.data.pairs import loss_example
 from mixcl_ray.data.patches import crop_patches, sample_centres, sample_patches
 
 LIMITS_REFRESH_S = 0.05
@@ -142,15 +142,12 @@ def _pretrain_examples(batch: dict, config: dict, epoch_offset: int) -> dict:
         p.pos,
         p.neg,
     )
-    loss = cfg.loss
-    restored = restored_views(loss.l_id, loss.l_label, loss.l_rec)
-    corruptions = cfg.corruptions if restored else None  # baselines without L_rec: clean views
+    # only what the step reads: MixCL's second corrupted view was made and shipped for nothing
     examples = [
-        make_pretrain_example(img, lab, rng, cfg.views, corruptions, restored)
+        loss_example(img, lab, rng, cfg.views, cfg.corruptions, cfg.loss)
         for img, lab in zip(images, labels, strict=True)
     ]
-    # only what the step reads: MixCL's second corrupted view was made and shipped for nothing
-    out = {k: np.stack([e[k] for e in examples]) for k in example_keys(restored)}
+    out = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     out["annotated"] = np.repeat(_one(batch, "annotated")[None], len(examples), axis=0)
     return out
 

@@ -199,7 +199,10 @@ def run_pretraining(
     )
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, **ray_init) -> None:
+    """Start (or join) Ray as every mixcl_ray process does: quiet logs and the setup hook that
+    makes Ray Data re-read its limits often (``RAY_RUNTIME_ENV``). ``ray_init``: more
+    ``ray.init`` arguments (``num_cpus``, ``include_dashboard``, ...), overriding those."""
     import logging
 
     import ray
@@ -207,12 +210,8 @@ def init_ray(address: str | None = None) -> None:
     from mixcl_ray.feed import RAY_RUNTIME_ENV, refresh_limits_often
 
     if not ray.is_initialized():
-        ray.init(
-            address=address,
-            logging_level="WARNING",
-            log_to_driver=False,
-            runtime_env=RAY_RUNTIME_ENV,
-        )
+        options = dict(logging_level="WARNING", log_to_driver=False, runtime_env=RAY_RUNTIME_ENV)
+        ray.init(address=address, **{**options, **ray_init})
     refresh_limits_often()  # datasets iterated in this process execute here
     from ray.data import DataContext
 

@@ -8,20 +8,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def start_test_ray():
-    import ray
-
-    from mixcl_ray.feed import RAY_RUNTIME_ENV, refresh_limits_often
+    from mixcl_ray.pretrain import init_ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: socket paths < 107 chars
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        logging_level="WARNING",
-        log_to_driver=False,
-        runtime_env=RAY_RUNTIME_ENV,  # as mixcl_ray's own init_ray starts Ray
-    )
-    refresh_limits_often()
+    init_ray(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)  # as the product starts it
 
 
 @pytest.fixture(scope="session")

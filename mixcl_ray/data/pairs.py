@@ -64,3 +64,21 @@ def make_pretrain_example(
         example[f"flips{v}"] = flips
         example[f"rot{v}"] = np.int64(rot)
     return example
+
+
+def loss_example(
+    image: np.ndarray,
+    label: np.ndarray,
+    rng: np.random.Generator,
+    views: ViewConfig,
+    corruptions: CorruptionConfig,
+    loss,
+) -> dict[str, np.ndarray]:
+    """One example holding only the arrays a step of ``loss``'s terms reads (``loss``: a
+    ``LossConfig``): corrupted views only where the reconstruction head restores them, clean
+    views alone without that term."""
+    restored = restored_views(loss.l_id, loss.l_label, loss.l_rec)
+    example = make_pretrain_example(
+        image, label, rng, views, corruptions if restored else None, restored
+    )
+    return {k: example[k] for k in example_keys(restored)}

@@ -100,8 +100,8 @@ _bank: np.ndarray | None = None
 
 
 def gaussian_noise(shape: tuple[int, ...], rng: np.random.Generator, std: float) -> np.ndarray:
-    """Zero-mean normal noise of ``shape`` and standard deviation ``std`` (float32): a window at a random offset into a bank of
-    ``NOISE_BANK`` values drawn once per process (from a fixed seed, so the same ``rng`` gives
+    """Zero-mean normal noise of ``shape`` and standard deviation ``std`` (float32): a window
+    at a random offset into a bank of ``NOISE_BANK`` values drawn once per process (from a fixed seed, so the same ``rng`` gives
     the same noise in any process), with a random sign. Drawing 96^3 normal values took 8 ms,
     two thirds of a view's augmentation; the window costs a copy. Voxel by voxel, two windows
     at different offsets are independent draws."""
