@@ -1,13 +1,15 @@
-"""Sweep cost: a study (default: the built-in demo, tune_spaces/demo.yaml) with ASHA early
-stopping and the shared pre-training cache, against the same study at full budget without
-them (every trial runs all its epochs and pre-trains its own model): total Train-worker-
-seconds (each trial's wall time x its Train workers), wall time, and whether the same best
-configuration wins. Both sweeps run here, one after the other, each as
-``python -m mixcl_ray.tune`` in its own process with its own MLflow store; every figure is
-measured in this run.
+"""Sweep cost: a search (default: tune_spaces/finetune_search.yaml, the fine-tuning learning
+rate of MixCL at 5 % labels on one shared pre-training) with ASHA early stopping and the shared
+pre-training cache, against the same search at full budget without them (every trial runs all
+its epochs and pre-trains its own model): total Train-worker-seconds (each trial's wall time x
+its Train workers), wall time, and whether the same best configuration wins. Both sweeps run
+here, one after the other, each as ``python -m mixcl_ray.tune`` in its own process with its
+own MLflow store, and both sample the same configurations (``search_seed``, 0 unless the space
+sets one); every figure is measured in this run. ``--space demo`` runs the demo's grid, where
+every cell is a result and ASHA has little to stop.
 
-    python benchmarks/sweep_cost.py [--space demo] [--data DIR] [--storage runs/sweep-cost]
-        [--grace-period 2] [--reduction-factor 2]
+    python benchmarks/sweep_cost.py [--space finetune_search] [--data DIR]
+        [--storage runs/sweep-cost] [--grace-period 2] [--reduction-factor 2]
 
 A trial's wall time runs from the start of its MLflow run (before any pre-training it
 triggers) to its end, or, for a trial ASHA stopped, to its last recorded epoch. The best
@@ -32,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def variants(space: dict, grace_period: int, reduction_factor: int) -> dict[str, dict]:
     """The two sweeps: "asha+cache" and "full budget" (no scheduler, no pre-training cache)."""
     experiment = space.get("experiment", "mixcl_ray")
+    # both sweeps sample the same configurations (a random search would draw others each time)
+    if space.get("search_seed") is None:
+        space = {**space, "search_seed": 0}
     return {
         "asha+cache": {
             **space,
@@ -70,7 +75,17 @@ def trial_costs(uri: str, experiment: str, metric: str, mode: str) -> dict:
         total += seconds * workers
         config = {
             k: t.data.params[k]
-            for k in ("method", "label_fraction", "seed", "l_id", "l_label", "l_rec")
+            for k in (
+                "method",
+                "label_fraction",
+                "seed",
+                "l_id",
+                "l_label",
+                "l_rec",
+                "temperature_id",
+                "temperature_label",
+                "lr",
+            )
             if k in t.data.params
         }
         rows.append((config, t.info.status, seconds, t.data.metrics.get(metric)))
@@ -84,7 +99,9 @@ def trial_costs(uri: str, experiment: str, metric: str, mode: str) -> dict:
 
 def main(argv=None) -> int:
     parser = common.parser(__doc__)
-    parser.add_argument("--space", default="demo", help="space file or name in tune_spaces/")
+    parser.add_argument(
+        "--space", default="finetune_search", help="space file or name in tune_spaces/"
+    )
     parser.add_argument("--storage", type=Path, default=Path("runs/sweep-cost"))
     parser.add_argument("--grace-period", type=int, default=2)
     parser.add_argument("--reduction-factor", type=int, default=2)

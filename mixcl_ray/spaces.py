@@ -42,6 +42,7 @@ TOP_KEYS = {
     "num_samples",
     "scheduler",
     "search",
+    "search_seed",
     "resources",
     "pretrain",
     "finetune",
@@ -65,6 +66,9 @@ class SweepSpec:
         default_factory=lambda: {"type": "asha", "grace_period": 2, "reduction_factor": 2}
     )
     search: str = "basic"  # basic (grid + random) | optuna
+    # seeds the random sampling (basic) or Optuna's sampler: the same seed samples the same
+    # configurations; null: a new draw each sweep
+    search_seed: int | None = None
     resources: dict = field(
         default_factory=lambda: {"workers": 2, "gpus_per_worker": 0, "max_concurrent_trials": 1}
     )
@@ -144,6 +148,11 @@ def load_space(path: str | os.PathLike) -> SweepSpec:
         raise SpaceError(f"{path}: mode must be max or min")
     if data.get("search", "basic") not in ("basic", "optuna"):
         raise SpaceError(f"{path}: search must be basic or optuna")
+    seed = data.get("search_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise SpaceError(
+            f"{path}: search_seed must be a non-negative integer or null, got {seed!r}"
+        )
     if not isinstance(data.get("pretrain_cache", True), bool):
         raise SpaceError(f"{path}: pretrain_cache must be true or false")
     sched = data.get("scheduler", {"type": "asha"})
@@ -177,6 +186,21 @@ def _check_stage_overrides(spec: SweepSpec, path: Path) -> None:
             load_config(stage, spec.preset, overrides=getattr(spec, stage) or None)
         except ValueError as err:
             raise SpaceError(f"{path}: {stage}: {err}") from None
+
+
+def make_search(spec: SweepSpec):
+    """The Tune search algorithm of a space, seeded by ``search_seed`` when it is set and
+    running at most ``resources.max_concurrent_trials`` trials at once (Tune ignores its own
+    limit for a search algorithm it is given, so the limit lives here)."""
+    limit = spec.resources["max_concurrent_trials"]
+    if spec.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=spec.search_seed), max_concurrent=limit)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=limit, random_state=spec.search_seed)
 
 
 def to_tune_space(space: dict, search: str) -> dict:

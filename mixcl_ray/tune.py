@@ -20,7 +20,7 @@ from pathlib import Path
 from data_prep import locations
 from data_prep.locations import Location, describe
 from mixcl_ray import tracking
-from mixcl_ray.spaces import SpaceError, load_space, to_tune_space
+from mixcl_ray.spaces import SpaceError, load_space, make_search, to_tune_space
 from mixcl_ray.storage import ensure_writable
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "demo.yaml"
@@ -162,11 +162,7 @@ def run_sweep(
     }
     param_space = to_tune_space(spec.space, spec.search)
     scheduler = make_scheduler(spec)
-    search_alg = None
-    if spec.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch()
+    search_alg = make_search(spec)
     # the trial driver needs almost no CPU of its own; its Train workers reserve theirs
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=ctx), {"cpu": 0.01})
     tune_dir = locations.join(storage, "tune", state["name"])
@@ -184,7 +180,6 @@ def run_sweep(
                 scheduler=scheduler,
                 search_alg=search_alg,
                 num_samples=num_samples or spec.num_samples,
-                max_concurrent_trials=spec.resources["max_concurrent_trials"],
             ),
             run_config=tune.RunConfig(
                 name=state["name"],

@@ -14,7 +14,7 @@ SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
 
 @pytest.mark.parametrize(
-    "name", ["demo", "ablation", "label_efficiency", "spleen", "btcv", "search"]
+    "name", ["demo", "ablation", "label_efficiency", "spleen", "btcv", "search", "finetune_search"]
 )
 def test_shipped_spaces_are_valid(name):
     spec = load_space(SPACES / f"{name}.yaml")
@@ -40,6 +40,7 @@ def test_shipped_spaces_are_valid(name):
         ),
         ("space: {seed: 0}\nscheduler: {type: hyperband}\n", "scheduler.type"),
         ("space: [1, 2\n", "not valid YAML"),
+        ("space: {seed: 0}\nsearch_seed: 1.5\n", "search_seed must be a non-negative integer"),
     ],
 )
 def test_space_errors_name_the_file_and_the_key(tmp_path, text, message):
@@ -65,6 +66,43 @@ def test_asha_lets_a_surviving_trial_finish_its_fit(tmp_path):
     assert make_scheduler(load_space(path))._max_t == 2
     path.write_text(body + "{type: none}\n")
     assert make_scheduler(load_space(path)) is None
+
+
+def _sampled_configs(spec, storage) -> list[dict]:
+    """The configurations a real Tune run of ``spec``'s search draws (a trivial trainable)."""
+    from ray import tune
+
+    from mixcl_ray.spaces import make_search
+
+    tuner = tune.Tuner(
+        lambda config: {"score": 0.0},
+        param_space=to_tune_space(spec.space, spec.search),
+        tune_config=tune.TuneConfig(search_alg=make_search(spec), num_samples=spec.num_samples),
+        run_config=tune.RunConfig(storage_path=str(storage), verbose=0),
+    )
+    return sorted((r.config for r in tuner.fit()), key=lambda c: (c["seed"], c["lr"], c["l_id"]))
+
+
+def test_search_seed_draws_the_same_configurations(ray_session, tmp_path):
+    """The same ``search_seed`` samples the same trials (the two sweeps of
+    benchmarks/sweep_cost.py compare like with like); another seed samples others; the search
+    itself carries the concurrency limit, which Tune ignores for a search it is given."""
+    path = tmp_path / "seeded.yaml"
+    body = (
+        "num_samples: 3\nresources: {max_concurrent_trials: 2}\n"
+        "space: {seed: {grid: [0, 1]}, lr: {loguniform: [1.0e-4, 1.0e-2]}, "
+        "l_id: {uniform: [0, 2]}}\n"
+    )
+    path.write_text(body + "search_seed: 7\n")
+    spec = load_space(path)
+    first = _sampled_configs(spec, tmp_path / "a")
+    assert len(first) == 6 and len({c["lr"] for c in first}) == 6
+    assert _sampled_configs(spec, tmp_path / "b") == first
+    path.write_text(body + "search_seed: 8\n")
+    assert _sampled_configs(load_space(path), tmp_path / "c") != first
+    from mixcl_ray.spaces import make_search
+
+    assert make_search(spec).max_concurrent == 2
 
 
 def test_tune_space_conversion():
@@ -194,6 +232,9 @@ def test_sweep_cost_variants_and_the_cache_switch(tmp_path):
     assert both["asha+cache"]["pretrain_cache"] is True
     assert both["full budget"]["pretrain_cache"] is False
     assert both["full budget"]["space"] == space["space"]
+    assert both["full budget"]["search_seed"] == both["asha+cache"]["search_seed"] == 0
+    seeded = variants({**space, "search_seed": 5}, 1, 3)
+    assert {v["search_seed"] for v in seeded.values()} == {5}
     for name, variant in both.items():  # each is a valid space file
         path = tmp_path / f"{name.replace(' ', '_')}.yaml"
         path.write_text(yaml.safe_dump(variant))
