@@ -61,6 +61,8 @@ def trial_costs(uri: str, experiment: str, metric: str, mode: str) -> dict:
     """Worker-seconds per trial and the best finished configuration, from the MLflow store."""
     from mlflow import MlflowClient
 
+    from mixcl_ray.spaces import DIMENSIONS
+
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     trials = client.search_runs([exp.experiment_id], "tags.`mixcl.stage` = 'trial'")
@@ -75,17 +77,7 @@ def trial_costs(uri: str, experiment: str, metric: str, mode: str) -> dict:
         total += seconds * workers
         config = {
             k: t.data.params[k]
-            for k in (
-                "method",
-                "label_fraction",
-                "seed",
-                "l_id",
-                "l_label",
-                "l_rec",
-                "temperature_id",
-                "temperature_label",
-                "lr",
-            )
+            for k in DIMENSIONS  # the searchable params, one name each in spaces and MLflow
             if k in t.data.params
         }
         rows.append((config, t.info.status, seconds, t.data.metrics.get(metric)))

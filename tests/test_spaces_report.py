@@ -8,7 +8,7 @@ import yaml
 
 from mixcl_ray import tracking
 from mixcl_ray.report import make_report, summarise
-from mixcl_ray.spaces import SPACES_DIR, SpaceError, load_space, to_tune_space
+from mixcl_ray.spaces import SPACES_DIR, SpaceError, load_space, make_search, to_tune_space
 
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
@@ -72,8 +72,6 @@ def _sampled_configs(spec, storage) -> list[dict]:
     """The configurations a real Tune run of ``spec``'s search draws (a trivial trainable)."""
     from ray import tune
 
-    from mixcl_ray.spaces import make_search
-
     tuner = tune.Tuner(
         lambda config: {"score": 0.0},
         param_space=to_tune_space(spec.space, spec.search),
@@ -100,8 +98,6 @@ def test_search_seed_draws_the_same_configurations(ray_session, tmp_path):
     assert _sampled_configs(spec, tmp_path / "b") == first
     path.write_text(body + "search_seed: 8\n")
     assert _sampled_configs(load_space(path), tmp_path / "c") != first
-    from mixcl_ray.spaces import make_search
-
     assert make_search(spec).max_concurrent == 2
 
 
