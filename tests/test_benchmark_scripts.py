@@ -75,26 +75,31 @@ def test_gpu_benchmark_runs_as_a_cpu_smoke_test(prepared_benchmark):
     assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
 
 
-def test_memory_scaling_benchmark_smoke(prepared_benchmark, tmp_path):
-    # one scale (2 copies of a tiny corpus), both pipelines; the copied corpus is a valid
-    # prepared folder (each copy of a case under its own id, every split list extended)
+def test_memory_scaling_benchmark_smoke(prepared_benchmark, tmp_path, monkeypatch):
+    # one scale (the test corpus once), both pipelines
     out = _run(
         "memory_scaling.py",
         "--data",
         str(prepared_benchmark),
         "--scales",
-        "2",
+        "1",
         "--target-gb",
         "0.001",
         "--work",
         str(tmp_path),
     )
-    rows = [line for line in out.splitlines() if line.startswith("| 2x |")]
+    rows = [line for line in out.splitlines() if line.startswith("| 1x |")]
     assert len(rows) == 1, out
     ratios = _ratios(out)
     assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
+    # a larger corpus is a valid prepared folder (each copy of a case under its own id, every
+    # split list extended)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from memory_scaling import replicate
+
     from data_prep.reader import load_case, read_manifest, read_splits
 
+    replicate(prepared_benchmark, 2, tmp_path / "x2")
     one, two = read_manifest(prepared_benchmark), read_manifest(tmp_path / "x2")
     assert len(two["cases"]) == 2 * len(one["cases"])
     train = read_splits(prepared_benchmark)["train"]

@@ -57,8 +57,8 @@ def test_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(
     config = load_config(
         "pretrain",
         overrides={
-            "optim": {"epochs": 3},
-            "patches": {"patches_per_case": 3, "batch_size": 2},
+            "optim": {"epochs": 2},
+            "patches": {"patches_per_case": 1, "batch_size": 2},
             "scaling": {"workers": 2, "max_failures": 1},
         },
     )
@@ -85,14 +85,12 @@ def test_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(
         raise box["error"]
     result = box["result"]
     assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
-    # every epoch once, in order; the epochs after the kill came from a group restarted at
+    # every epoch once, in order; the epoch after the kill came from a group restarted at
     # epoch 1, i.e. from the epoch-0 checkpoint: only the killed epoch's work was lost
-    assert [h["epoch"] for h in result.history] == [0, 1, 2]
-    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1, 1]
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    assert [h["resumed_from_epoch"] for h in result.history] == [0, 1]
     final = load_checkpoint_state(result.checkpoint)
-    assert result.checkpoint.name == "epoch_0002" and final["epoch"] == 2
+    assert result.checkpoint.name == "epoch_0001" and final["epoch"] == 1
     steps = result.history[0]["step"]  # the step counter went on from the checkpoint's
-    assert [h["step"] for h in result.history] == [steps, 2 * steps, 3 * steps] and final[
-        "step"
-    ] == 3 * steps
+    assert [h["step"] for h in result.history] == [steps, 2 * steps] and final["step"] == 2 * steps
     assert result.pretrained.exists()

@@ -112,7 +112,7 @@ scheduler: {type: none}
 resources: {workers: 1, gpus_per_worker: 0, max_concurrent_trials: 1}
 pretrain:
   optim: {epochs: 1}
-  patches: {patches_per_case: 2, batch_size: 2}
+  patches: {patches_per_case: 1, batch_size: 2}
 finetune:
   optim: {epochs: 1}
   min_patches_per_epoch: 8
@@ -146,7 +146,7 @@ def test_prepare_pretrain_resume_and_sweep_on_an_object_store(s3, synthetic_benc
 
     # pre-training: checkpoints in the bucket; the same name with more epochs resumes from them
     config = tmp_path / "small.yaml"
-    config.write_text("patches: {patches_per_case: 2, batch_size: 2}\n")
+    config.write_text("patches: {patches_per_case: 1, batch_size: 2}\n")
     storage = f"s3://{BUCKET}/runs"
     common = ["--data", data, "--storage", storage, "--name", "p", "--workers", "1"]
     rc, out = _run(

@@ -30,7 +30,7 @@ scheduler: {scheduler}
 resources: {{workers: 1, gpus_per_worker: 0, max_concurrent_trials: 1}}
 pretrain:
   optim: {{epochs: 1}}
-  patches: {{patches_per_case: 2, batch_size: 2}}
+  patches: {{patches_per_case: 1, batch_size: 2}}
 finetune:
   optim: {{epochs: {epochs}}}
   min_patches_per_epoch: 16

@@ -1,6 +1,8 @@
 """Ray Train stages on the synthetic benchmark with the real local Ray instance: 2-worker
 pre-training, checkpoints that resume, fine-tuning that loads the encoder and learns."""
 
+import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,7 @@ from mixcl_ray.train_config import FinetuneConfig, load_config, merge, to_dict
 from mixcl_ray.train_utils import load_checkpoint_state
 
 pytestmark = pytest.mark.slow
-QUICK = {"optim": {"epochs": 1}, "patches": {"patches_per_case": 2, "batch_size": 2}}
+QUICK = {"optim": {"epochs": 1}, "patches": {"patches_per_case": 1, "batch_size": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +119,10 @@ def test_label_fraction_subset_equals_splits(ray_session, prepared_benchmark):
     assert all(set(np.unique(r["label"])) <= {0, 1} for r in rows)  # target class indices
 
 
-def test_finetuning_loads_the_encoder(ray_session, prepared_benchmark, pretrained, tmp_path):
-    config = load_config(
-        "finetune",
-        overrides={"label_fraction": 0.5, "optim": {"epochs": 1}, "scaling": {"workers": 1}},
-    )
+def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path):
+    """``python -m mixcl_ray.finetune --pretrained``: the encoder and decoder of the
+    pre-training come into the segmentation network, which then trains and validates."""
+    config = load_config("finetune")
     seg = SegmentationNet(config.model, 2)
     report = load_pretrained(seg, pretrained.pretrained)
     source = MixCLModel(config.model)
@@ -130,14 +131,31 @@ def test_finetuning_loads_the_encoder(ray_session, prepared_benchmark, pretraine
         theirs = getattr(seg.backbone, part).state_dict()
         for k, v in getattr(source.backbone, part).state_dict().items():
             assert torch.equal(v, theirs[k]), k
-    result = run_finetuning(prepared_benchmark, tmp_path, config, pretrained=pretrained.checkpoint)
-    assert result.load_summary == report.summary() and "missing" not in result.load_summary
-    m = result.metrics
+    args = ["--data", str(prepared_benchmark), "--label-fraction", "0.5", "--epochs", "1"]
+    args += [
+        "--workers",
+        "1",
+        "--storage",
+        str(tmp_path),
+        "--pretrained",
+        str(pretrained.checkpoint),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixcl_ray.finetune", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert f"pre-trained weights: {report.summary()}" in out and "missing" not in report.summary()
+    m = json.loads(re.search(r"^\{$.*?^\}$", out, re.S | re.M).group(0))
     assert m["pretrained/loaded_tensors"] == len(report.loaded) == 80
     assert "val/dice/spleen" in m and m["val/dice_mean"] == pytest.approx(m["val/dice/spleen"])
-    assert result.best_model.exists()
-    best = torch.load(result.best_model, weights_only=True)
-    assert best["dice"] == pytest.approx(m["val/best_dice_mean"]) and best["epoch"] == 0
+    best_file = Path(re.search(r"best weights (\S+)$", out.strip()).group(1))
+    assert "fine-tuning finetune-" in out and best_file.exists()
+    best = torch.load(best_file, weights_only=True)
+    assert best["dice"] == pytest.approx(m["val/best_dice_mean"], abs=1e-4) and best["epoch"] == 0
 
 
 def test_interrupted_finetuning_keeps_its_best_weights_and_no_local_copies(
@@ -191,31 +209,6 @@ def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_
     train_dice = [float(d[0]) for d in scores.values()]
     assert min(train_dice) > 0.5, (train_dice, losses, dice)  # measured 0.79-0.94
     assert max(dice) == pytest.approx(result.metrics["val/best_dice_mean"])
-
-
-def test_finetune_cli_from_scratch(prepared_benchmark, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mixcl_ray.finetune",
-            "--data",
-            str(prepared_benchmark),
-            "--label-fraction",
-            "0.5",
-            "--epochs",
-            "1",
-            "--workers",
-            "1",
-            "--storage",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "fine-tuning finetune-" in proc.stdout and "best validation Dice" in proc.stdout
 
 
 def test_full_epochs_give_every_label_fraction_the_steps_of_all_labels(prepared_benchmark):
