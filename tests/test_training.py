@@ -131,15 +131,8 @@ def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path
         theirs = getattr(seg.backbone, part).state_dict()
         for k, v in getattr(source.backbone, part).state_dict().items():
             assert torch.equal(v, theirs[k]), k
-    args = ["--data", str(prepared_benchmark), "--label-fraction", "0.5", "--epochs", "1"]
-    args += [
-        "--workers",
-        "1",
-        "--storage",
-        str(tmp_path),
-        "--pretrained",
-        str(pretrained.checkpoint),
-    ]
+    args = f"--label-fraction 0.5 --epochs 1 --workers 1 --storage {tmp_path}".split()
+    args += ["--data", str(prepared_benchmark), "--pretrained", str(pretrained.checkpoint)]
     proc = subprocess.run(
         [sys.executable, "-m", "mixcl_ray.finetune", *args],
         capture_output=True,
