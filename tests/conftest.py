@@ -58,3 +58,23 @@ def prepared_benchmark(ray_session, synthetic_benchmark, tmp_path_factory) -> Pa
     out = tmp_path_factory.mktemp("prepared") / "out"
     prepare([synthetic_benchmark], out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """A local S3-compatible server (moto's) with one bucket, for the whole session; yields the
+    environment a client needs."""
+    pytest.importorskip("moto", reason="moto[server] is part of the test extra")
+    from tests.servers import start_s3_server, stop_server
+
+    proc, env = start_s3_server()
+    yield env
+    stop_server(proc)
+
+
+@pytest.fixture
+def s3(s3_env, monkeypatch):
+    """The S3 server's environment in this test's process (and the commands it starts)."""
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    return s3_env

@@ -12,6 +12,9 @@ import urllib.request
 
 import pytest
 
+S3_BUCKET = "mixcl"
+S3_SECRET = "not-a-real-secret-4f1d"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -51,3 +54,31 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def start_s3_server() -> tuple[subprocess.Popen, dict[str, str]]:
+    """moto's S3-compatible server with the bucket ``S3_BUCKET``; returns (process, the
+    standard AWS environment a client needs to reach it)."""
+    import sys
+
+    import pyarrow.fs as pafs
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = start_server(server, url, "the S3 test server", timeout=60)
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    pafs.S3FileSystem(
+        access_key="testing",
+        secret_key=S3_SECRET,
+        endpoint_override=url,
+        region="us-east-1",
+        allow_bucket_creation=True,
+    ).create_dir(S3_BUCKET)
+    return proc, env

@@ -1,6 +1,7 @@
-"""Object-store storage, as on a cluster whose nodes share only a bucket: data_prep output,
-pre-training checkpoints (and resuming from them), Tune state, the pre-training cache,
-fine-tuning checkpoints and the report on ``s3://`` URIs. The server is a real S3-compatible
+"""Object-store storage, as on a cluster whose nodes share only a bucket: data_prep output and
+pre-training checkpoints (and resuming from them) on ``s3://`` URIs; a whole sweep on the
+object store (Tune state, the pre-training cache, fine-tuning checkpoints, the report) is
+``tests/test_sweep.py``'s first test. The server is a real S3-compatible
 HTTP server (moto's) on 127.0.0.1; everything reaches it through pyarrow's S3 filesystem with
 the standard AWS environment variables, as a user's cluster reaches S3 or MinIO."""
 
@@ -13,50 +14,13 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("moto", reason="moto[server] is part of the test extra")
-
-from data_prep import locations  # noqa: E402
-from mixcl_ray.storage import StorageError, ensure_writable  # noqa: E402
-from tests.servers import free_port, start_server, stop_server  # noqa: E402
+from data_prep import locations
+from mixcl_ray.storage import StorageError, ensure_writable
+from tests.servers import S3_BUCKET as BUCKET
+from tests.servers import S3_SECRET as SECRET
 
 pytestmark = [pytest.mark.timeout(1800)]
 ROOT = Path(__file__).resolve().parents[1]
-BUCKET = "mixcl"
-SECRET = "not-a-real-secret-4f1d"
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    """A local S3 server with one bucket; yields the environment a client needs."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    proc = start_server(server, url, "the S3 test server", timeout=60)
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": url,
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    import pyarrow.fs as pafs
-
-    pafs.S3FileSystem(
-        access_key="testing",
-        secret_key=SECRET,
-        endpoint_override=url,
-        region="us-east-1",
-        allow_bucket_creation=True,
-    ).create_dir(BUCKET)
-    yield env
-    stop_server(proc)
-
-
-@pytest.fixture
-def s3(s3_env, monkeypatch):
-    for key, value in s3_env.items():
-        monkeypatch.setenv(key, value)
-    return s3_env
 
 
 def test_locations_on_an_object_store(s3, tmp_path):
@@ -103,30 +67,15 @@ def _run(module, args, env, cwd, timeout=900):
 
 
 SPACE = """
-description: object-store sweep
 preset: cpu-tiny
 experiment: object-store
-metric: val/dice_mean
-mode: max
-scheduler: {type: none}
-resources: {workers: 1, gpus_per_worker: 0, max_concurrent_trials: 1}
-pretrain:
-  optim: {epochs: 1}
-  patches: {patches_per_case: 1, batch_size: 2}
-finetune:
-  optim: {epochs: 1}
-  min_patches_per_epoch: 8
-  patches: {patches_per_case: 4}
-space:
-  method: mixcl
-  label_fraction: 1.0
-  seed: 0
+space: {method: mixcl, label_fraction: 1.0, seed: 0}
 """
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_paused")
-def test_prepare_pretrain_resume_and_sweep_on_an_object_store(s3, synthetic_benchmark, tmp_path):
+def test_prepare_and_resume_pretraining_on_an_object_store(s3, synthetic_benchmark, tmp_path):
     data = f"s3://{BUCKET}/prepared"
     # data_prep writes into the bucket (staged locally, uploaded once every case is written)
     rc, out = _run(
@@ -170,36 +119,4 @@ def test_prepare_pretrain_resume_and_sweep_on_an_object_store(s3, synthetic_benc
     sweep = ["--space", str(space), "--data", data, "--storage", f"s3://{BUCKET}/sweep"]
     rc, out = _run("mixcl_ray.tune", [*sweep, "--address", "local"], s3, tmp_path, timeout=120)
     assert rc == 2 and "--tracking-uri" in out, out[-4000:]
-
-    # the sweep: Tune state, pre-training cache, fine-tuning checkpoints and report in the bucket
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [*sweep, "--tracking-uri", tracking_uri, "--address", "local"]
-    rc, out = _run("mixcl_ray.tune", args, s3, tmp_path, timeout=1500)
-    assert rc == 0, out[-5000:]
-    assert f"label-efficiency plot: s3://{BUCKET}/sweep/report/" in out
-    assert SECRET not in out
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name("object-store")
-    trials = client.search_runs([exp.experiment_id], "tags.`mixcl.stage` = 'trial'")
-    (trial,) = trials
-    assert trial.info.status == "FINISHED" and "test/dice_mean" in trial.data.metrics
-    weights = trial.data.tags["pretrained_weights"]
-    assert weights.startswith(f"s3://{BUCKET}/sweep/pretrain_cache/") and weights.endswith(".pt")
-    assert locations.is_file(weights)
-    best = trial.data.tags["best_checkpoint"]
-    assert best.startswith(f"s3://{BUCKET}/sweep/finetune/") and locations.is_file(best)
-    (tune_name,) = [
-        n for n in locations.list_names(f"s3://{BUCKET}/sweep/tune") if not n.endswith(".json")
-    ]
-    assert locations.is_file(f"s3://{BUCKET}/sweep/report/{tune_name}/report.md")
-    assert locations.is_file(f"s3://{BUCKET}/sweep/report/{tune_name}/label_efficiency.png")
-
-    # resuming reads the sweep state and Tune's experiment back from the bucket; nothing re-runs
-    rc, out = _run("mixcl_ray.tune", [*args, "--resume"], s3, tmp_path, timeout=600)
-    assert rc == 0, out[-5000:]
-    trials = client.search_runs([exp.experiment_id], "tags.`mixcl.stage` = 'trial'")
-    assert [t.info.status for t in trials] == ["FINISHED"]
-    assert len(client.search_runs([exp.experiment_id], "tags.`mixcl.stage` = 'pretrain'")) == 1
-    assert not (tmp_path / "runs").exists()
+    # (a whole sweep on the object store, tracked on an MLflow server: tests/test_sweep.py)

@@ -1,6 +1,8 @@
 """The main job end to end: ``python -m mixcl_ray.tune`` as a user runs it (its own local Ray,
 with the dashboard, as the product starts it), logging over HTTP to a real ``mlflow server``
-started on 127.0.0.1 with its own SQLite file; then an interrupted sweep resumed."""
+started on 127.0.0.1 with its own SQLite file, with its data and storage in a bucket of a real
+S3-compatible server (as on a cluster whose nodes share only a bucket); then an interrupted
+sweep resumed, an unreachable tracking server, and ASHA's early stops."""
 
 import json
 import os
@@ -15,7 +17,8 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from tests.servers import free_port, start_server, stop_server
+from data_prep import locations
+from tests.servers import S3_BUCKET, S3_SECRET, free_port, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800), pytest.mark.usefixtures("ray_paused")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,9 +104,19 @@ def _runs(client, experiment, stage):
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`mixcl.stage` = '{stage}'")
 
 
-def test_sweep_records_parent_children_params_metrics_artifacts(
-    prepared_benchmark, mlflow_server, tmp_path
+def _bucket_files(prefix: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, path = locations.resolve(prefix)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return [f"s3://{i.path}" for i in infos if i.type == pafs.FileType.File]
+
+
+def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifacts(
+    prepared_benchmark, mlflow_server, s3, tmp_path
 ):
+    data, storage = f"s3://{S3_BUCKET}/sweep-data", f"s3://{S3_BUCKET}/sweep"
+    locations.upload_folder(prepared_benchmark, data)
     space = tmp_path / "sweep.yaml"
     space.write_text(
         SPACE.format(
@@ -114,28 +127,21 @@ def test_sweep_records_parent_children_params_metrics_artifacts(
     )
     # credentials in the URI (the test server ignores basic auth) must never be written anywhere
     with_password = mlflow_server.replace("http://", f"http://alice:{PASSWORD}@")
-    proc = _tune(
-        [
-            "--space",
-            str(space),
-            "--data",
-            str(prepared_benchmark),
-            "--storage",
-            str(tmp_path / "runs"),
-            "--tracking-uri",
-            with_password,
-        ]
-    )
+    args = ["--space", str(space), "--data", data, "--storage", storage]
+    proc = _tune([*args, "--tracking-uri", with_password])
     out, _ = proc.communicate(timeout=1500)
     (tmp_path / "tune.log").write_text(out)
     assert proc.returncode == 0, out[-5000:]
-    assert "study finished" in out and "label-efficiency plot" in out and "mlflow ui" in out
-    assert PASSWORD not in out
-    leaks = [
+    assert "study finished" in out and "mlflow ui" in out
+    assert f"label-efficiency plot: {storage}/report/" in out
+    assert PASSWORD not in out and S3_SECRET not in out
+    written = [f for f in Path(mlflow_server_folder(mlflow_server)).rglob("*") if f.is_file()]
+    leaks = [f for f in written if PASSWORD.encode() in f.read_bytes()]
+    leaks += [
         f
-        for root in (tmp_path / "runs", Path(mlflow_server_folder(mlflow_server)))
-        for f in root.rglob("*")
-        if f.is_file() and PASSWORD.encode() in f.read_bytes()
+        for f in _bucket_files(storage)
+        if PASSWORD.encode() in (content := locations.read_bytes(f))
+        or S3_SECRET.encode() in content
     ]
     assert not leaks, leaks
 
@@ -170,6 +176,10 @@ def test_sweep_records_parent_children_params_metrics_artifacts(
     assert len(pretrains) == 1
     mixcl = [t for t in trials if t.data.params["method"] == "mixcl"]
     assert sorted(t.data.tags["pretrain_reused"] for t in mixcl) == ["False", "True"]
+    cached = {t.data.tags["pretrained_weights"] for t in mixcl}
+    (weights,) = cached  # both trials fine-tune the one cached pre-training, in the bucket
+    assert weights.startswith(f"{storage}/pretrain_cache/") and weights.endswith(".pt")
+    assert locations.is_file(weights)
     assert "train/loss_label" in pretrains[0].data.metrics
     assert {t.info.status for t in trials} == {"FINISHED"}
     for t in [*trials, *pretrains, parent]:
@@ -185,7 +195,8 @@ def test_sweep_records_parent_children_params_metrics_artifacts(
         assert "config.json" in names and "overlays" in names
         overlays = client.list_artifacts(t.info.run_id, "overlays")
         assert overlays and all(a.path.endswith(".png") for a in overlays)
-        assert Path(t.data.tags["best_checkpoint"]).exists()
+        best = t.data.tags["best_checkpoint"]
+        assert best.startswith(f"{storage}/finetune/") and locations.is_file(best)
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
@@ -194,6 +205,18 @@ def test_sweep_records_parent_children_params_metrics_artifacts(
         "sweep/manifest.json",
         "sweep/splits.json",
     }
+    (tune_name,) = [n for n in locations.list_names(f"{storage}/tune") if not n.endswith(".json")]
+    for name in ("report.md", "label_efficiency.png"):
+        assert locations.is_file(f"{storage}/report/{tune_name}/{name}")
+
+    # resuming reads the sweep state and Tune's experiment back from the bucket; nothing re-runs
+    resumed = _tune([*args, "--tracking-uri", with_password, "--resume"])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-5000:]
+    again = _runs(client, "sweep-test", "trial")
+    assert sorted(t.info.run_id for t in again) == sorted(t.info.run_id for t in trials)
+    assert {t.info.status for t in again} == {"FINISHED"}
+    assert len(_runs(client, "sweep-test", "pretrain")) == 1
     # the label-efficiency benchmark's report of this sweep: both splits and the target check
     report = subprocess.run(
         [
