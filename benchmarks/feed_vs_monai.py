@@ -6,10 +6,13 @@ the per-patch time goes. Each pipeline runs in its own subprocess; every figure 
 measured in this run.
 
     python benchmarks/feed_vs_monai.py [--data DIR] [--sizes 32 96] [--epochs 3] [--workers 2]
+                                       [--unordered]
 
 The prepared folder defaults to the built-in benchmark (prepared on first use). The first epoch
 of each pipeline includes its one-off cost (reading and decoding for ours, CacheDataset's
 caching for MONAI) and is reported separately; throughput is over the later epochs.
+``--unordered`` adds our feed with ``patches.deterministic`` off (blocks in the order their
+tasks finish, as Ray Data does by default): what the deterministic feed costs.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def run_ray(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: i
     config = pretrain_config(size, ppc)
     if "FEED_TASK_CPUS" in os.environ:  # else the default (0.5: two tasks share a CPU)
         config["patches"]["cpus_per_data_task"] = float(os.environ["FEED_TASK_CPUS"])
+    config["patches"]["deterministic"] = os.environ.get("FEED_UNORDERED") != "1"
     times, counts = [], []
     with TreeMemory() as memory:
         start = time.perf_counter()
@@ -265,7 +269,7 @@ def _child(args) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def _spawn(args, which: str, size: int) -> dict:
+def _spawn(args, which: str, size: int, unordered: bool = False) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -284,7 +288,7 @@ def _spawn(args, which: str, size: int) -> dict:
         "--batch",
         str(args.batch),
     ]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FEED_UNORDERED="1" if unordered else "0")
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -308,6 +312,11 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="CPUs for each pipeline")
     parser.add_argument("--patches-per-case", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument(
+        "--unordered",
+        action="store_true",
+        help="also measure our feed without the deterministic block order",
+    )
     parser.add_argument("--child", choices=["ray", "monai"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -327,7 +336,11 @@ def main(argv=None) -> int:
     for size in args.sizes:
         monai = _spawn(args, "monai", size)
         ours = _spawn(args, "ray", size)
-        for name, r in (("MONAI CacheDataset+DataLoader", monai), ("mixcl_ray Ray Data", ours)):
+        rows = [("MONAI CacheDataset+DataLoader", monai), ("mixcl_ray Ray Data", ours)]
+        if args.unordered:
+            unordered = _spawn(args, "ray", size, unordered=True)
+            rows.append(("mixcl_ray Ray Data, unordered", unordered))
+        for name, r in rows:
             ratio = _rate(r) / _rate(monai)
             print(
                 f"| {size}^3 | {name} | {r['epoch_seconds'][0]:.1f} | {_rate(r):.1f} | "
@@ -337,6 +350,8 @@ def main(argv=None) -> int:
             "throughput_ratio": _rate(ours) / _rate(monai),
             "memory_ratio": ours["peak_pss"] / monai["peak_pss"],
         }
+        if args.unordered:
+            summary[size]["deterministic_vs_unordered"] = _rate(ours) / _rate(unordered)
     for size in args.sizes:
         print(f"\nwhere a {size}^3 patch's time goes (one process, no pipeline):")
         for step, v in profile(args.data, size, args.patches_per_case).items():

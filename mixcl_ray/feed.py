@@ -10,6 +10,7 @@ dataset's execution index (one execution per epoch) plus ``epoch_offset`` for re
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
@@ -193,6 +194,25 @@ def should_cache(data_dir, ids, setting) -> bool:
     return decoded_bytes(data_dir, ids) <= CACHE_SHARE * store
 
 
+@contextmanager
+def block_order(deterministic: bool):
+    """Datasets created inside keep their blocks in order when ``deterministic`` (Ray Data's
+    ``preserve_order``), caching (``materialize``) included; by default blocks go on in the
+    order their tasks finish, which differs from run to run. Measured with one and two
+    streaming splits: set on a finished dataset's context only, the cached cases' block order
+    still differed between runs; set while the dataset is built, every run fed the same
+    patches in the same order (with a seeded shuffle buffer)."""
+    from ray.data.context import DataContext
+
+    options = DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = before or deterministic
+    try:
+        yield
+    finally:
+        options.preserve_order = before
+
+
 def build_pretrain_dataset(data_dir, config: dict, epoch_offset: int = 0):
     """The Ray Dataset of pre-training examples of one epoch (re-executed every epoch)."""
     from mixcl_ray.train_config import PretrainConfig, from_dict
@@ -200,17 +220,18 @@ def build_pretrain_dataset(data_dir, config: dict, epoch_offset: int = 0):
     cfg = from_dict(PretrainConfig, config)
     ids, labelled = pretraining_cases(data_dir, cfg.pretrain_label_fraction, cfg.target_images)
     num_classes = len(read_manifest(data_dir)["class_map"])
-    ds = _decoded_cases(data_dir, ids, cfg.patches.cpus_per_data_task).map(
-        partial(_pretrain_case, labelled=frozenset(labelled), num_classes=num_classes),
-        num_cpus=cfg.patches.cpus_per_data_task,
-    )
-    if should_cache(data_dir, ids, cfg.patches.cache_cases):
-        ds = ds.materialize()
-    return ds.map_batches(
-        partial(_pretrain_examples, config=config, epoch_offset=epoch_offset),
-        batch_size=1,
-        num_cpus=cfg.patches.cpus_per_data_task,
-    )
+    with block_order(cfg.patches.deterministic):
+        ds = _decoded_cases(data_dir, ids, cfg.patches.cpus_per_data_task).map(
+            partial(_pretrain_case, labelled=frozenset(labelled), num_classes=num_classes),
+            num_cpus=cfg.patches.cpus_per_data_task,
+        )
+        if should_cache(data_dir, ids, cfg.patches.cache_cases):
+            ds = ds.materialize()
+        return ds.map_batches(
+            partial(_pretrain_examples, config=config, epoch_offset=epoch_offset),
+            batch_size=1,
+            num_cpus=cfg.patches.cpus_per_data_task,
+        )
 
 
 def class_lookup(data_dir, source: str) -> tuple[np.ndarray, list[str]]:
@@ -298,17 +319,18 @@ def build_finetune_dataset(data_dir, config: dict, epoch_offset: int = 0):
     cfg = from_dict(FinetuneConfig, config)
     ids = finetune_case_ids(data_dir, cfg.label_fraction, cfg.source)
     _, repeats = finetune_epoch_size(data_dir, cfg)
-    ds = finetune_cases(data_dir, config)
-    if should_cache(data_dir, ids, cfg.patches.cache_cases):
-        ds = ds.materialize()
-    return ds.map_batches(
-        partial(
-            _segmentation_examples,
-            patch=to_dict(cfg.patches),
-            seed=cfg.optim.seed,
-            repeats=repeats,
-            epoch_offset=epoch_offset,
-        ),
-        batch_size=1,
-        num_cpus=cfg.patches.cpus_per_data_task,
-    )
+    with block_order(cfg.patches.deterministic):
+        ds = finetune_cases(data_dir, config)
+        if should_cache(data_dir, ids, cfg.patches.cache_cases):
+            ds = ds.materialize()
+        return ds.map_batches(
+            partial(
+                _segmentation_examples,
+                patch=to_dict(cfg.patches),
+                seed=cfg.optim.seed,
+                repeats=repeats,
+                epoch_offset=epoch_offset,
+            ),
+            batch_size=1,
+            num_cpus=cfg.patches.cpus_per_data_task,
+        )

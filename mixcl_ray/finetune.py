@@ -49,6 +49,7 @@ def finetune_loop(loop_config: dict) -> None:
         autocast,
         build_optimizer,
         build_scheduler,
+        epoch_batches,
         grad_scaler,
         load_checkpoint_state,
         optimizer_step,
@@ -101,12 +102,7 @@ def finetune_loop(loop_config: dict) -> None:
         model.train()
         total, batches, patches, wait = 0.0, 0, 0, 0.0
         start = tick = time.perf_counter()
-        for batch in shard.iter_torch_batches(
-            batch_size=cfg.patches.batch_size,
-            device=device,
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.patches.local_shuffle_buffer,
-        ):
+        for batch in epoch_batches(shard, cfg.patches, cfg.optim.seed, epoch, rank, device):
             wait += time.perf_counter() - tick
             with autocast(device, cfg.scaling.amp):
                 loss = loss_fn(model(batch["image"]), batch["label"].long())
@@ -273,6 +269,7 @@ def run_finetuning(
         name,
         callbacks,
         dataset,
+        config.patches.deterministic,
     )
     return FinetuneResult(
         folder, locations.join(folder, BEST_FILE), metrics, history, summary, name

@@ -37,6 +37,7 @@ def pretrain_loop(loop_config: dict) -> None:
         autocast,
         build_optimizer,
         build_scheduler,
+        epoch_batches,
         grad_scaler,
         load_checkpoint_state,
         optimizer_step,
@@ -77,12 +78,7 @@ def pretrain_loop(loop_config: dict) -> None:
         wait = 0.0
         start = time.perf_counter()
         tick = start
-        for batch in shard.iter_torch_batches(
-            batch_size=cfg.patches.batch_size,
-            device=device,
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.patches.local_shuffle_buffer,
-        ):
+        for batch in epoch_batches(shard, cfg.patches, cfg.optim.seed, epoch, rank, device):
             wait += time.perf_counter() - tick
             with autocast(device, cfg.scaling.amp):
                 out1, out2 = view_outputs(model, loss_fn.heads, batch)
@@ -192,7 +188,15 @@ def run_pretraining(
         "fail_after_epoch": fail_after_epoch,
     }
     folder, metrics, history = fit_stage(
-        pretrain_loop, loop_config, config.scaling, per_worker, storage, name, callbacks, dataset
+        pretrain_loop,
+        loop_config,
+        config.scaling,
+        per_worker,
+        storage,
+        name,
+        callbacks,
+        dataset,
+        config.patches.deterministic,
     )
     return PretrainResult(
         folder, locations.join(folder, PRETRAINED_FILE), metrics, history, storage, name

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from mixcl_ray.config import LossConfig, ModelConfig, _check
@@ -36,6 +37,10 @@ class PatchConfig:
     # patches mixed across cases before batching; 0: none. Each epoch's first batch waits until
     # the buffer holds 1.5x this many patches plus a batch (Ray Data's shuffling batcher)
     shuffle_buffer: int = 32
+    # the same batches in the same order in every run of a seed: Ray Data hands the blocks over
+    # in order (and splits them between workers the same way) and the shuffle buffer is seeded
+    # per epoch and worker; false lets the first finished data task's patches go first
+    deterministic: bool = True
     cpus_per_data_task: float = 0.5
 
     def __post_init__(self):
@@ -54,6 +59,10 @@ class PatchConfig:
         _check(self.cpus_per_data_task > 0, "cpus_per_data_task must be > 0")
         _check(self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         _check(
+            isinstance(self.deterministic, bool),
+            f"deterministic must be true or false, got {self.deterministic!r}",
+        )
+        _check(
             self.cache_cases in (True, False, "auto"),
             f"cache_cases must be true, false or auto, got {self.cache_cases!r}",
         )
@@ -62,6 +71,12 @@ class PatchConfig:
     def local_shuffle_buffer(self) -> int | None:
         """Ray Data's local_shuffle_buffer_size: None turns the shuffling batcher off."""
         return self.shuffle_buffer or None
+
+    def shuffle_seed(self, seed: int, epoch: int, rank: int) -> int | None:
+        """Ray Data's local_shuffle_seed for one epoch of one worker (None: unseeded)."""
+        if not self.deterministic or not self.shuffle_buffer:
+            return None
+        return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,30 @@ def resume_epoch(run_dir) -> int:
     return max(epochs) + 1 if epochs else 0
 
 
+def epoch_batches(shard, patches, seed: int, epoch: int, rank: int, device):
+    """One epoch of a worker's dataset shard as torch batches on ``device`` (``patches``: the
+    stage's ``PatchConfig``; its shuffle is seeded by (seed, epoch, rank) when deterministic)."""
+    return shard.iter_torch_batches(
+        batch_size=patches.batch_size,
+        device=device,
+        drop_last=True,
+        local_shuffle_buffer_size=patches.local_shuffle_buffer,
+        local_shuffle_seed=patches.shuffle_seed(seed, epoch, rank),
+    )
+
+
+def data_config(deterministic: bool):
+    """Ray Train's ingest options: Train's defaults, with Ray Data's ``preserve_order`` when
+    the feed must be deterministic (blocks handed over in order, and split between the
+    workers without locality hints or buffering)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    if deterministic:
+        options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
+
+
 def fit_stage(
     loop,
     loop_config: dict,
@@ -162,12 +186,14 @@ def fit_stage(
     name: str,
     callbacks,
     dataset,
+    deterministic: bool = True,
 ) -> tuple:
     """Run one Ray Train stage; returns (last checkpoint folder, last metrics, epoch history).
     ``storage`` may be an object-store URI; the folder returned is then a URI too.
 
     Re-running with the same storage and name resumes from the last checkpoint; a worker
-    failure restarts the group from it (``scaling.max_failures`` times)."""
+    failure restarts the group from it (``scaling.max_failures`` times). ``deterministic``:
+    the dataset's blocks reach the workers in the same order every run (``data_config``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -188,6 +214,7 @@ def fit_stage(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
+        dataset_config=data_config(deterministic),
     )
     result = trainer.fit()
     if result.checkpoint is None:

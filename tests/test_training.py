@@ -151,7 +151,7 @@ def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path
     assert best["dice"] == pytest.approx(m["val/best_dice_mean"], abs=1e-4) and best["epoch"] == 0
 
 
-def test_interrupted_finetuning_keeps_its_best_weights_and_no_local_copies(
+def test_interrupted_finetuning_keeps_its_best_weights_and_ends_as_an_uninterrupted_one(
     ray_session, prepared_benchmark, tmp_path
 ):
     leftovers = set(Path(tempfile.gettempdir()).glob("mixcl-ckpt-*"))
@@ -160,7 +160,7 @@ def test_interrupted_finetuning_keeps_its_best_weights_and_no_local_copies(
         overrides={
             "label_fraction": 0.5,
             "optim": {"epochs": 2},
-            "scaling": {"workers": 1, "max_failures": 0},
+            "scaling": {"workers": 2, "max_failures": 0},
         },
     )
     with pytest.raises(Exception, match="injected failure"):
@@ -176,6 +176,13 @@ def test_interrupted_finetuning_keeps_its_best_weights_and_no_local_copies(
     assert best["epoch"] == int(np.argmax(dice)) and best["dice"] == pytest.approx(max(dice))
     # each checkpoint's temporary local folder is deleted once Ray Train has persisted it
     assert set(Path(tempfile.gettempdir()).glob("mixcl-ckpt-*")) == leftovers
+    # the feed is deterministic (patches.deterministic): the same batches in the same order for
+    # each of the two workers, in every run and after a resume, so the same command run
+    # without the interruption ends with the very same weights
+    straight = run_finetuning(prepared_benchmark, tmp_path, config, name="straight")
+    assert [h["train/loss"] for h in straight.history] == [h["train/loss"] for h in result.history]
+    ours, theirs = (load_checkpoint_state(r.checkpoint)["model"] for r in (result, straight))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_path):
@@ -269,6 +276,19 @@ def test_shuffle_buffer_zero_turns_the_shuffling_batcher_off():
     assert off.patches.local_shuffle_buffer is None
     with pytest.raises(ValueError, match="shuffle_buffer must be >= 0, got -1"):
         load_config("finetune", overrides={"patches": {"shuffle_buffer": -1}})
+
+
+def test_shuffle_seeds_differ_by_epoch_and_worker_unless_unseeded():
+    patches = load_config("finetune").patches
+    assert patches.deterministic
+    seeds = {patches.shuffle_seed(0, epoch, rank) for epoch in range(3) for rank in range(2)}
+    assert len(seeds) == 6 and patches.shuffle_seed(0, 1, 1) == patches.shuffle_seed(0, 1, 1)
+    assert patches.shuffle_seed(1, 0, 0) not in seeds
+    for off in ({"deterministic": False}, {"shuffle_buffer": 0}):
+        patches = load_config("finetune", overrides={"patches": off}).patches
+        assert patches.shuffle_seed(0, 0, 0) is None
+    with pytest.raises(ValueError, match="deterministic must be true or false, got 'yes'"):
+        load_config("pretrain", overrides={"patches": {"deterministic": "yes"}})
 
 
 def test_cli_rejects_unknown_config_keys(prepared_benchmark, tmp_path):
