@@ -2,7 +2,7 @@
 with the dashboard, as the product starts it), logging over HTTP to a real ``mlflow server``
 started on 127.0.0.1 with its own SQLite file, with its data and storage in a bucket of a real
 S3-compatible server (as on a cluster whose nodes share only a bucket); then an interrupted
-sweep resumed, an unreachable tracking server, and ASHA's early stops."""
+sweep (its trials stopped early by ASHA) resumed, and an unreachable tracking server."""
 
 import json
 import os
@@ -122,7 +122,7 @@ def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifac
         SPACE.format(
             experiment="sweep-test",
             epochs=2,
-            scheduler="{type: none}",  # every trial runs its full budget (ASHA: the last test)
+            scheduler="{type: none}",  # every trial runs its full budget (ASHA: the next test)
         )
     )
     # credentials in the URI (the test server ignores basic auth) must never be written anywhere
@@ -256,15 +256,17 @@ def _session_processes(sid: int) -> list[psutil.Process]:
     return found
 
 
-def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(
-    prepared_benchmark, tmp_path
-):
-    """SIGKILL of the sweep driver and every process it started (its local Ray included) once
-    a trial has finished, then ``--resume``: finished trials are not run again, MLflow has one
-    finished run per trial, and runs the kill interrupted are closed as KILLED and linked from
-    the runs that resumed them."""
+def test_killed_sweep_driver_resumes_without_rerunning_ended_trials(prepared_benchmark, tmp_path):
+    """ASHA stops every trial after its first epoch (max_t 1 of 3 epochs, mid-fit); once the
+    second trial has started (so the stopped one gave its CPUs back), SIGKILL of the sweep
+    driver and every process it started (its local Ray included), then ``--resume``: the
+    stopped trial is not run again, MLflow has one ended run per trial, both closed as early
+    stopped, and the run the kill interrupted is closed as KILLED and linked from the run that
+    resumed it."""
     space = tmp_path / "resume.yaml"
-    text = SPACE.format(experiment="resume-test", epochs=1, scheduler="{type: none}")
+    text = SPACE.format(
+        experiment="resume-test", epochs=3, scheduler="{type: asha, max_t: 1, grace_period: 1}"
+    )
     # two trials, scratch then MixCL: the kill lands in the second (its pre-training)
     space.write_text(text.replace("label_fraction: {grid: [0.5, 1.0]}", "label_fraction: 1.0"))
     args = [
@@ -278,33 +280,29 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     proc = _tune(args)
     deadline = time.time() + 900
-    finished = []
+    started = []
     state_file = tmp_path / "runs/tune/resume.latest.json"  # written once MLflow is set up
     while time.time() < deadline and proc.poll() is None:
         time.sleep(2)
         if not state_file.exists():  # two processes creating one SQLite store at once clash
             continue
         try:
-            finished = [
-                t
-                for t in _runs(MlflowClient(uri), "resume-test", "trial")
-                if t.info.status == "FINISHED"
-            ]
+            started = _runs(MlflowClient(uri), "resume-test", "trial")
         except Exception:
             continue
-        if finished:
+        if len(started) == 2:  # one trial at a time: the first one has been stopped
             break
     if proc.poll() is not None:
         pytest.fail(f"the sweep ended before it could be killed:\n{proc.communicate()[0][-5000:]}")
-    assert finished, "no trial finished before the deadline"
-    time.sleep(5)  # into the next trial
+    assert len(started) == 2, "the second trial did not start before the deadline"
+    time.sleep(5)  # into the second trial's pre-training
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and the trial processes
     proc.communicate(timeout=60)
     deadline = time.time() + 60
     while _session_processes(proc.pid) and time.time() < deadline:
         time.sleep(1)
     assert not _session_processes(proc.pid)
-    first_done = {t.info.run_id: t.info.end_time for t in finished}
+    (stopped,) = [t for t in started if t.data.params["method"] == "scratch"]
     state = json.loads(state_file.read_text())
 
     resumed = _tune([*args, "--resume"])
@@ -314,19 +312,25 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(
     (parent,) = _runs(client, "resume-test", "sweep")
     assert parent.info.run_id == state["parent_run_id"] and parent.info.status == "FINISHED"
     trials = _runs(client, "resume-test", "trial")
-    done = [t for t in trials if t.info.status == "FINISHED"]
-    keys = [t.data.tags["mixcl.trial_key"] for t in done]
-    assert len(keys) == len(set(keys)) == 2  # one finished run per trial, no duplicates
-    for t in done:
-        if t.info.run_id in first_done:  # finished before the kill: not run again
-            assert t.info.end_time == first_done[t.info.run_id]
-    interrupted = [t for t in trials if t.info.status != "FINISHED"]
-    successors = {t.data.tags.get("mixcl.resumed_from"): t for t in done}
-    for t in interrupted:
-        assert t.info.status == "KILLED" and "mixcl.interrupted" in t.data.tags
-        assert (
-            successors[t.info.run_id].data.tags["mixcl.trial_key"] == t.data.tags["mixcl.trial_key"]
+    interrupted = [t for t in trials if "mixcl.interrupted" in t.data.tags]
+    ended = [t for t in trials if "mixcl.interrupted" not in t.data.tags]
+    keys = [t.data.tags["mixcl.trial_key"] for t in ended]
+    assert len(keys) == len(set(keys)) == 2  # one ended run per trial, no duplicates
+    assert stopped.info.run_id in {t.info.run_id for t in ended}  # stopped before the kill: kept
+    for t in ended:
+        assert t.info.status == "KILLED" and "early stopped" in t.data.tags["mixcl.stopped"]
+        # MLflow hears of the epoch first; the stop can still cut the write short
+        assert [m.step for m in client.get_metric_history(t.info.run_id, "val/dice_mean")] in (
+            [],
+            [0],
         )
+    successors = {t.data.tags.get("mixcl.resumed_from"): t for t in ended}
+    (lost,) = interrupted  # the MixCL trial's run, cut off in its pre-training
+    assert lost.info.status == "KILLED" and lost.data.params["method"] == "mixcl"
+    assert (
+        successors[lost.info.run_id].data.tags["mixcl.trial_key"]
+        == lost.data.tags["mixcl.trial_key"]
+    )
     pretrains = _runs(client, "resume-test", "pretrain")
     assert [p.info.status for p in pretrains].count("FINISHED") == 1
     assert all(p.info.status in ("FINISHED", "KILLED") for p in pretrains)
@@ -348,35 +352,3 @@ def test_unreachable_tracking_server_fails_before_compute(prepared_benchmark, tm
     assert proc.returncode == 2
     assert "not reachable" in out
     assert not (tmp_path / "runs" / "tune").exists()
-
-
-def test_early_stopped_trials_release_their_resources(prepared_benchmark, tmp_path):
-    """ASHA stops every trial after its first epoch (max_t 1 of 3 epochs): each stop happens
-    mid-fit, and the next trial must still get the CPUs the stopped one held."""
-    space = tmp_path / "asha.yaml"
-    text = SPACE.format(
-        experiment="asha-test", epochs=3, scheduler="{type: asha, max_t: 1, grace_period: 1}"
-    )
-    space.write_text(text.replace("method: {grid: [scratch, mixcl]}", "method: scratch"))
-    proc = _tune(
-        [
-            "--space",
-            str(space),
-            "--data",
-            str(prepared_benchmark),
-            "--storage",
-            str(tmp_path / "runs"),
-        ]
-    )
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-5000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    trials = _runs(client, "asha-test", "trial")
-    assert len(trials) == 2  # the second trial started after the first was stopped
-    for t in trials:
-        assert t.info.status == "KILLED" and "early stopped" in t.data.tags["mixcl.stopped"]
-        # MLflow hears of the epoch first; the stop can still cut the write short
-        assert [m.step for m in client.get_metric_history(t.info.run_id, "val/dice_mean")] in (
-            [],
-            [0],
-        )
