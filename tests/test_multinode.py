@@ -26,9 +26,8 @@ def cluster(tmp_path):
         head_node_args={"num_cpus": 1, "include_dashboard": False},
     )
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    init_ray(cluster.address)  # joined as the product joins a cluster (--address)
     cluster.wait_for_nodes()
-    init_ray()  # the product's Ray Data settings on the connected cluster
     yield cluster, nodes
     ray.shutdown()
     cluster.shutdown()

@@ -245,7 +245,9 @@ def test_the_feed_ships_only_what_the_step_reads(ray_session, prepared_benchmark
         assert not np.array_equal(batch["input1"], batch["clean1"])
 
 
-def test_every_ray_process_rereads_the_data_limits_often(ray_session):
+def test_every_ray_process_rereads_the_data_limits_often_and_polls_train_workers_often(
+    ray_session,
+):
     """The setup hook that mixcl_ray starts Ray with (the test session starts it the same way)
     reaches task and actor processes, where Ray Train's split coordinator executes datasets."""
     import ray
@@ -267,6 +269,11 @@ def test_every_ray_process_rereads_the_data_limits_often(ray_session):
     probe = Probe.remote()
     assert ray.get(probe.interval.remote()) == LIMITS_REFRESH_S
     ray.kill(probe)
+    # and Ray Train's controller (an actor of the job) polls its workers every 0.5 s
+    from mixcl_ray.pretrain import TRAIN_POLL_ENV
+
+    poll = ray.remote(num_cpus=0)(lambda: __import__("os").environ.get(TRAIN_POLL_ENV))
+    assert ray.get(poll.remote()) == "0.5"
 
 
 def test_shuffle_buffer_zero_turns_the_shuffling_batcher_off():
