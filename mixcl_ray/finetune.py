@@ -261,15 +261,7 @@ def run_finetuning(
         "fail_after_epoch": fail_after_epoch,
     }
     folder, metrics, history = fit_stage(
-        finetune_loop,
-        loop_config,
-        config.scaling,
-        per_worker,
-        storage,
-        name,
-        callbacks,
-        dataset,
-        config.patches.deterministic,
+        finetune_loop, loop_config, config, per_worker, storage, name, callbacks, dataset
     )
     return FinetuneResult(
         folder, locations.join(folder, BEST_FILE), metrics, history, summary, name

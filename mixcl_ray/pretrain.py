@@ -189,15 +189,7 @@ def run_pretraining(
         "fail_after_epoch": fail_after_epoch,
     }
     folder, metrics, history = fit_stage(
-        pretrain_loop,
-        loop_config,
-        config.scaling,
-        per_worker,
-        storage,
-        name,
-        callbacks,
-        dataset,
-        config.patches.deterministic,
+        pretrain_loop, loop_config, config, per_worker, storage, name, callbacks, dataset
     )
     return PretrainResult(
         folder, locations.join(folder, PRETRAINED_FILE), metrics, history, storage, name

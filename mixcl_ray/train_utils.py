@@ -178,25 +178,19 @@ def data_config(deterministic: bool):
 
 
 def fit_stage(
-    loop,
-    loop_config: dict,
-    scaling: ScalingSettings,
-    per_worker_cpus: float,
-    storage,
-    name: str,
-    callbacks,
-    dataset,
-    deterministic: bool = True,
+    loop, loop_config: dict, config, per_worker_cpus: float, storage, name: str, callbacks, dataset
 ) -> tuple:
     """Run one Ray Train stage; returns (last checkpoint folder, last metrics, epoch history).
     ``storage`` may be an object-store URI; the folder returned is then a URI too.
 
     Re-running with the same storage and name resumes from the last checkpoint; a worker
-    failure restarts the group from it (``scaling.max_failures`` times). ``deterministic``:
-    the dataset's blocks reach the workers in the same order every run (``data_config``)."""
+    failure restarts the group from it (``config.scaling.max_failures`` times). ``config``: the
+    stage's config (its ``scaling``; with ``patches.deterministic`` the dataset's blocks reach
+    the workers in the same order every run, see ``data_config``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    scaling = config.scaling
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -214,7 +208,7 @@ def fit_stage(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
-        dataset_config=data_config(deterministic),
+        dataset_config=data_config(config.patches.deterministic),
     )
     result = trainer.fit()
     if result.checkpoint is None:
