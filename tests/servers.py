@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -59,8 +60,6 @@ def stop_server(proc: subprocess.Popen) -> None:
 def start_s3_server() -> tuple[subprocess.Popen, dict[str, str]]:
     """moto's S3-compatible server with the bucket ``S3_BUCKET``; returns (process, the
     standard AWS environment a client needs to reach it)."""
-    import sys
-
     import pyarrow.fs as pafs
 
     port = free_port()

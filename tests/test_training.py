@@ -278,8 +278,12 @@ def test_every_ray_process_rereads_the_data_limits_often_and_polls_train_workers
     # and Ray Train's controller (an actor of the job) polls its workers every 0.5 s
     from mixcl_ray.pretrain import TRAIN_POLL_ENV
 
-    poll = ray.remote(num_cpus=0)(lambda: __import__("os").environ.get(TRAIN_POLL_ENV))
-    assert ray.get(poll.remote()) == "0.5"
+    def poll():
+        import os
+
+        return os.environ.get(TRAIN_POLL_ENV)
+
+    assert ray.get(ray.remote(num_cpus=0)(poll).remote()) == "0.5"
 
 
 def test_shuffle_buffer_zero_turns_the_shuffling_batcher_off():
