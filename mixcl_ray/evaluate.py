@@ -59,15 +59,20 @@ def validate_cases(
     sw_batch_size=4,
     overlap=0.25,
     autocast=None,
+    on_prediction=None,
 ) -> dict[str, np.ndarray]:
     """Dice (num_classes - 1,) for each case: {case_id: dice}. cases: decoded cases with
-    ``image`` and ``label`` in the network's class indices."""
+    ``image`` and ``label`` in the network's class indices. ``on_prediction(case, prediction)``,
+    if given, sees each case's predicted class map (1, 1, X, Y, Z), e.g. to draw it without
+    predicting again."""
     model.eval()
     results = {}
     for case in cases:
         prediction = predict_volume(
             model, case["image"], patch_size, device, sw_batch_size, overlap, autocast
         )
+        if on_prediction is not None:
+            on_prediction(case, prediction)
         target = torch.from_numpy(np.ascontiguousarray(case["label"]))[None, None]
         results[case["case_id"]] = dice_per_class(prediction, target, num_classes)[0].numpy()
     return results

@@ -169,7 +169,7 @@ def test_scores(
     import torch
 
     from data_prep.reader import load_case, read_splits
-    from mixcl_ray.evaluate import nan_mean, predict_volume
+    from mixcl_ray.evaluate import nan_mean
     from mixcl_ray.evaluate import validate_cases as _validate
     from mixcl_ray.feed import class_lookup, target_source
     from mixcl_ray.models import SegmentationNet
@@ -185,15 +185,25 @@ def test_scores(
     weights = torch.load(open_for_torch(best_model), map_location="cpu", weights_only=True)
     model.load_state_dict(weights["model"])
     cases = [dict(c, label=lut[c["label"]]) for c in (load_case(data_dir, i) for i in ids)]
-    device = torch.device("cpu")
+    pngs = []
+
+    def draw(case, prediction):  # the scored prediction of the first cases, not a second one
+        if len(pngs) < overlays:
+            path = out_dir / f"overlay_{case['case_id'].replace('/', '_')}.png"
+            overlay_png(
+                case["image"], case["label"], prediction[0, 0].numpy(), path, case["case_id"]
+            )
+            pngs.append(path)
+
     per_case = _validate(
         model,
         cases,
         len(names),
         ft_cfg.patches.patch_size,
-        device,
+        torch.device("cpu"),
         ft_cfg.sw_batch_size,
         ft_cfg.sw_overlap,
+        on_prediction=draw,
     )
     table = np.stack([per_case[k] for k in sorted(per_case)])
     per_class = [nan_mean(table[:, c]) for c in range(table.shape[1])]
@@ -202,14 +212,6 @@ def test_scores(
         "test/cases": len(cases),
         **{f"test/dice/{n}": d for n, d in zip(names[1:], per_class, strict=True)},
     }
-    pngs = []
-    for case in cases[:overlays]:
-        prediction = predict_volume(model, case["image"], ft_cfg.patches.patch_size, device)[
-            0, 0
-        ].numpy()
-        path = out_dir / f"overlay_{case['case_id'].replace('/', '_')}.png"
-        overlay_png(case["image"], case["label"], prediction, path, case["case_id"])
-        pngs.append(path)
     return metrics, pngs
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from data_prep.reader import load_case, read_splits
-from mixcl_ray.evaluate import dice_per_class, nan_mean, validate_cases
+from mixcl_ray import trial
+from mixcl_ray.evaluate import dice_per_class, nan_mean, predict_volume, validate_cases
 from mixcl_ray.feed import (
     class_lookup,
     finetune_case_ids,
@@ -190,9 +191,9 @@ def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_
         "finetune",
         overrides={
             "label_fraction": 1.0,
-            "optim": {"epochs": 10},
+            "optim": {"epochs": 7, "lr": 3e-3},
             "min_patches_per_epoch": 128,
-            "val_every": 5,  # validated after epochs 5 and 10: the training cases are checked
+            "val_every": 4,  # validated after epochs 4 and 7: the training cases are checked
         },
     )
     result = run_finetuning(prepared_benchmark, tmp_path, config)
@@ -202,7 +203,8 @@ def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_
     # The test split of this benchmark is small (6 training cases, 2 validation cases with
     # small spleens), so the network memorises the training cases and its validation Dice
     # swings between runs (measured best: 0.06 to 0.28): what is checked is that it learned the
-    # cases it was given. DiceCE starts near 1.3 and fell to 0.40 in 10 epochs.
+    # cases it was given. DiceCE starts near 1.25 and fell to 0.39 in 7 epochs (the feed is
+    # deterministic: the same on every run of this corpus).
     assert losses[-1] < 0.5 * losses[0], losses
     lut, names = class_lookup(prepared_benchmark, target_source(prepared_benchmark))
     model = SegmentationNet(config.model, num_classes=len(names))
@@ -211,9 +213,28 @@ def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_
         load_case(prepared_benchmark, i) for i in finetune_case_ids(prepared_benchmark, 1.0)[:3]
     ]
     cases = [{**case, "label": lut[case["label"]]} for case in cases]
-    scores = validate_cases(model, cases, len(names), config.patches.patch_size, "cpu")
+    seen = {}
+    scores = validate_cases(
+        model,
+        cases,
+        len(names),
+        config.patches.patch_size,
+        "cpu",
+        on_prediction=lambda case, prediction: seen.setdefault(case["case_id"], prediction),
+    )
     train_dice = [float(d[0]) for d in scores.values()]
-    assert min(train_dice) > 0.5, (train_dice, losses, dice)  # measured 0.79-0.94
+    assert min(train_dice) > 0.5, (train_dice, losses, dice)  # measured 0.74, 0.89, 0.76
+    # what a validation scored is what it hands on (the trial's overlays draw it)
+    first = cases[0]
+    again = predict_volume(model, first["image"], config.patches.patch_size, "cpu")
+    assert seen.keys() == scores.keys() and torch.equal(seen[first["case_id"]], again)
+    (tmp_path / "test").mkdir()
+    # (module access: pytest would collect a test_* function imported here)
+    metrics, pngs = trial.test_scores(
+        prepared_benchmark, config, result.best_model, tmp_path / "test", 1
+    )
+    assert metrics["test/cases"] >= 1 and 0 <= metrics["test/dice_mean"] <= 1
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 1000
     assert max(dice) == pytest.approx(result.metrics["val/best_dice_mean"])
 
 
