@@ -55,6 +55,23 @@ def finetune_overrides(sample: dict, fixed: dict) -> dict:
     return over
 
 
+def trial_scaling(ctx: dict, stage: dict | None, cluster_cpus: float) -> dict:
+    """A trial's Train scaling: the sweep's workers and GPUs; on CPU, with several trials at
+    once (``max_concurrent_trials``), each trial's workers reserve their share of that trial's
+    part of the CPUs unless the stage sets ``scaling.cpus_per_worker``. (Sized on the whole
+    cluster, two trials' workers would reserve every CPU and leave Ray Data none: a hang.)"""
+    from mixcl_ray.train_config import ScalingSettings
+    from mixcl_ray.train_utils import cpus_per_worker
+
+    scaling = {"workers": ctx["workers"], "use_gpu": ctx["gpus_per_worker"] > 0}
+    concurrent = int(ctx.get("max_concurrent_trials", 1))
+    explicit = ((stage or {}).get("scaling") or {}).get("cpus_per_worker") is not None
+    if concurrent > 1 and not scaling["use_gpu"] and not explicit:
+        share = cluster_cpus / concurrent
+        scaling["cpus_per_worker"] = cpus_per_worker(ScalingSettings(ctx["workers"]), share)
+    return scaling
+
+
 def _deep(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
@@ -229,6 +246,7 @@ def run_trial(config: dict, sweep: dict) -> None:
     sweep's context (data, storage, tracking URI, stage settings), passed through the object
     store with ``tune.with_parameters`` so that it never lands in Tune's logs or result files
     (the tracking URI may carry credentials)."""
+    import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mixcl_ray.finetune import run_finetuning
@@ -238,16 +256,14 @@ def run_trial(config: dict, sweep: dict) -> None:
     init_ray()
     ctx = sweep
     sample = dict(config)
-    scaling = {"workers": ctx["workers"], "use_gpu": ctx["gpus_per_worker"] > 0}
-    pre_over = pretrain_overrides(sample, _deep(ctx["pretrain"], {"scaling": scaling}))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    pre_fixed = _deep(ctx["pretrain"], {"scaling": trial_scaling(ctx, ctx["pretrain"], cpus)})
+    pre_over = pretrain_overrides(sample, pre_fixed)
     pre_cfg = (
         load_config("pretrain", ctx["preset"], overrides=pre_over) if pre_over is not None else None
     )
-    ft_cfg = load_config(
-        "finetune",
-        ctx["preset"],
-        overrides=finetune_overrides(sample, _deep(ctx["finetune"], {"scaling": scaling})),
-    )
+    ft_fixed = _deep(ctx["finetune"], {"scaling": trial_scaling(ctx, ctx["finetune"], cpus)})
+    ft_cfg = load_config("finetune", ctx["preset"], overrides=finetune_overrides(sample, ft_fixed))
     params = trial_params(sample, pre_cfg, ft_cfg, ctx)
     key = trial_key(params, pre_cfg, ft_cfg)
     uri = ctx["uri"]

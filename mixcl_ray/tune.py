@@ -159,6 +159,7 @@ def run_sweep(
         "pretrain_cache": spec.pretrain_cache,
         "workers": spec.resources["workers"],
         "gpus_per_worker": spec.resources["gpus_per_worker"],
+        "max_concurrent_trials": spec.resources["max_concurrent_trials"],
     }
     param_space = to_tune_space(spec.space, spec.search)
     scheduler = make_scheduler(spec)

@@ -280,3 +280,23 @@ def test_trial_key_changes_with_any_fixed_stage_setting():
     assert key(ft_over={"min_patches_per_epoch": "full"}) != base
     assert key(ft_over={"patches": {"patch_size": [48, 48, 48]}}) != base
     assert key(pre_over={"views": {"noise_std": 0.05}}) != base
+
+
+def test_concurrent_trials_share_the_cpus_between_them():
+    """On CPU, each of ``max_concurrent_trials`` trials sizes its workers on its part of the
+    cluster (two trials' 1-CPU workers on 2 CPUs would leave Ray Data none: a hang); one
+    trial at a time, a GPU or an explicit ``cpus_per_worker`` keeps the stage's own sizing."""
+    from mixcl_ray.trial import trial_scaling
+
+    ctx = {"workers": 1, "gpus_per_worker": 0, "max_concurrent_trials": 2}
+    assert trial_scaling(ctx, {}, 2) == {"workers": 1, "use_gpu": False, "cpus_per_worker": 0.5}
+    assert trial_scaling({**ctx, "workers": 2}, None, 2)["cpus_per_worker"] == 0.25
+    assert trial_scaling({**ctx, "max_concurrent_trials": 4}, {}, 16)["cpus_per_worker"] == 2
+    for alone in (
+        {**ctx, "max_concurrent_trials": 1},
+        {k: ctx[k] for k in ("workers", "gpus_per_worker")},
+    ):
+        assert "cpus_per_worker" not in trial_scaling(alone, {}, 2)  # the stage's default
+    assert "cpus_per_worker" not in trial_scaling({**ctx, "gpus_per_worker": 1}, {}, 2)
+    explicit = {"scaling": {"cpus_per_worker": 0.75}}
+    assert "cpus_per_worker" not in trial_scaling(ctx, explicit, 2)  # the stage's own value stays

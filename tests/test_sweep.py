@@ -30,7 +30,7 @@ experiment: {experiment}
 metric: val/dice_mean
 mode: max
 scheduler: {scheduler}
-resources: {{workers: 1, gpus_per_worker: 0, max_concurrent_trials: 1}}
+resources: {{workers: 1, gpus_per_worker: 0, max_concurrent_trials: {concurrent}}}
 pretrain:
   optim: {{epochs: 1}}
   patches: {{patches_per_case: 1, batch_size: 2}}
@@ -123,6 +123,9 @@ def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifac
             experiment="sweep-test",
             epochs=2,
             scheduler="{type: none}",  # every trial runs its full budget (ASHA: the next test)
+            # two trials at once on the 2 CPUs, each sizing its workers on its half; the two
+            # MixCL trials then ask for the one pre-training together (the cache lock)
+            concurrent=2,
         )
     )
     # credentials in the URI (the test server ignores basic auth) must never be written anywhere
@@ -265,7 +268,10 @@ def test_killed_sweep_driver_resumes_without_rerunning_ended_trials(prepared_ben
     resumed it."""
     space = tmp_path / "resume.yaml"
     text = SPACE.format(
-        experiment="resume-test", epochs=3, scheduler="{type: asha, max_t: 1, grace_period: 1}"
+        experiment="resume-test",
+        epochs=3,
+        scheduler="{type: asha, max_t: 1, grace_period: 1}",
+        concurrent=1,
     )
     # two trials, scratch then MixCL: the kill lands in the second (its pre-training)
     space.write_text(text.replace("label_fraction: {grid: [0.5, 1.0]}", "label_fraction: 1.0"))
