@@ -15,6 +15,8 @@ from pathlib import Path
 
 PARENT_TAG = "mlflow.parentRunId"
 INTERRUPTED_TAG = "mixcl.interrupted"
+STOPPED_TAG = "mixcl.stopped"
+TRIAL_ID_TAG = "mixcl.tune_trial_id"
 RESUMED_TAG = "mixcl.resumed_from"
 SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "access_key", "credential")
 
@@ -214,6 +216,46 @@ def child_runs(uri: str, experiment_id: str, parent_id: str) -> list:
     return _client(uri).search_runs(
         [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000
     )
+
+
+def close_as_stopped(uri: str, run_id: str) -> None:
+    """Close the run of a trial that the scheduler stopped mid-fit: KILLED, tagged as such."""
+    set_tags(uri, run_id, {STOPPED_TAG: "early stopped by the scheduler"})
+    end_run(uri, run_id, "KILLED")
+
+
+def _tune_callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class StoppedTrialsCloser(_tune_callback_base()):
+    """Tune callback (in the sweep driver): a trial that the scheduler stops has its run closed
+    as early stopped right then, not when the sweep ends (the trial's process is torn down
+    before it can close the run itself; until the sweep's end such runs showed as RUNNING in
+    the dashboard, for hours in a long sweep). A trial that ended on its own closed its run
+    already. The tracking URI is not kept on the callback: Tune writes its callbacks into the
+    sweep's storage, and a URI can carry credentials; the driver sets ``uri`` on the class."""
+
+    uri: str | None = None
+
+    def __init__(self, experiment_id: str, parent_id: str):
+        self.experiment_id, self.parent_id = experiment_id, parent_id
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not self.uri:
+            return
+        query = (
+            f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' and tags.`{PARENT_TAG}` = "
+            f"'{self.parent_id}' and attributes.status = 'RUNNING'"
+        )
+        try:
+            for run in _client(self.uri).search_runs([self.experiment_id], query):
+                if INTERRUPTED_TAG not in run.data.tags:
+                    close_as_stopped(self.uri, run.info.run_id)
+        except Exception as err:  # the sweep's end closes whatever is left RUNNING
+            print(f"could not close the run of stopped trial {trial.trial_id}: {err}")
 
 
 def _train_callback_base():

@@ -282,7 +282,7 @@ def run_trial(config: dict, sweep: dict) -> None:
         {
             "mixcl.stage": "trial",
             "method": params["method"],
-            "mixcl.tune_trial_id": _tune_trial_id(),
+            tracking.TRIAL_ID_TAG: _tune_trial_id(),
         },
         params,
         parent_id=ctx["parent_id"],

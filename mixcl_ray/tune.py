@@ -185,25 +185,25 @@ def run_sweep(
             run_config=tune.RunConfig(
                 name=state["name"],
                 storage_path=str(locations.join(storage, "tune")),
+                callbacks=[tracking.StoppedTrialsCloser(experiment_id, parent_id)],
                 verbose=1,
             ),
         )
+    tracking.StoppedTrialsCloser.uri = uri
     results = tuner.fit()
     experiment = tracking.child_runs(uri, experiment_id, parent_id)
     errored = {r.metrics.get("trial_id") for r in results if r.error}
     for run in experiment:  # trials that the scheduler stopped mid-fit end without finishing
-        trial_id = run.data.tags.get("mixcl.tune_trial_id")
+        trial_id = run.data.tags.get(tracking.TRIAL_ID_TAG)
         if (
             run.data.tags.get("mixcl.stage") != "trial"
             or run.info.status == "FINISHED"
             or tracking.INTERRUPTED_TAG in run.data.tags
-        ):
+            or (run.info.status == "KILLED" and tracking.STOPPED_TAG in run.data.tags)
+        ):  # (closed when it stopped: StoppedTrialsCloser)
             continue
         if trial_id and trial_id not in errored:
-            tracking.set_tags(
-                uri, run.info.run_id, {"mixcl.stopped": "early stopped by the scheduler"}
-            )
-            tracking.end_run(uri, run.info.run_id, "KILLED")
+            tracking.close_as_stopped(uri, run.info.run_id)
         elif run.info.status == "RUNNING":
             tracking.end_run(uri, run.info.run_id, "FAILED")
     report_dir = locations.join(storage, "report", state["name"])

@@ -260,12 +260,12 @@ def _session_processes(sid: int) -> list[psutil.Process]:
 
 
 def test_killed_sweep_driver_resumes_without_rerunning_ended_trials(prepared_benchmark, tmp_path):
-    """ASHA stops every trial after its first epoch (max_t 1 of 3 epochs, mid-fit); once the
-    second trial has started (so the stopped one gave its CPUs back), SIGKILL of the sweep
-    driver and every process it started (its local Ray included), then ``--resume``: the
-    stopped trial is not run again, MLflow has one ended run per trial, both closed as early
-    stopped, and the run the kill interrupted is closed as KILLED and linked from the run that
-    resumed it."""
+    """ASHA stops every trial after its first epoch (max_t 1 of 3 epochs, mid-fit), and its
+    MLflow run is closed as early stopped right then; once the second trial has started (so
+    the stopped one gave its CPUs back), SIGKILL of the sweep driver and every process it
+    started (its local Ray included), then ``--resume``: the stopped trial is not run again,
+    MLflow has one ended run per trial, both closed as early stopped, and the run the kill
+    interrupted is closed as KILLED and linked from the run that resumed it."""
     space = tmp_path / "resume.yaml"
     text = SPACE.format(
         experiment="resume-test",
@@ -301,6 +301,11 @@ def test_killed_sweep_driver_resumes_without_rerunning_ended_trials(prepared_ben
     if proc.poll() is not None:
         pytest.fail(f"the sweep ended before it could be killed:\n{proc.communicate()[0][-5000:]}")
     assert len(started) == 2, "the second trial did not start before the deadline"
+    # the stopped trial's run was closed when the scheduler stopped it (before the next trial
+    # could start), not left RUNNING until the sweep's end
+    (stopped,) = [t for t in started if t.data.params["method"] == "scratch"]
+    assert stopped.info.status == "KILLED", stopped.info
+    assert "early stopped" in stopped.data.tags["mixcl.stopped"]
     time.sleep(5)  # into the second trial's pre-training
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and the trial processes
     proc.communicate(timeout=60)
@@ -308,7 +313,6 @@ def test_killed_sweep_driver_resumes_without_rerunning_ended_trials(prepared_ben
     while _session_processes(proc.pid) and time.time() < deadline:
         time.sleep(1)
     assert not _session_processes(proc.pid)
-    (stopped,) = [t for t in started if t.data.params["method"] == "scratch"]
     state = json.loads(state_file.read_text())
 
     resumed = _tune([*args, "--resume"])
