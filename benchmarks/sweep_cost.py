@@ -6,10 +6,11 @@ its Train workers), wall time, and whether the same best configuration wins. Bot
 here, one after the other, each as ``python -m mixcl_ray.tune`` in its own process with its
 own MLflow store, and both sample the same configurations (``search_seed``, 0 unless the space
 sets one); every figure is measured in this run. ``--space demo`` runs the demo's grid, where
-every cell is a result and ASHA has little to stop.
+every cell is a result and ASHA has little to stop. ASHA's schedule is the space's own
+(``finetune_search``: grace period 1, reduction factor 3); the flags override it.
 
     python benchmarks/sweep_cost.py [--space finetune_search] [--data DIR]
-        [--storage runs/sweep-cost] [--grace-period 2] [--reduction-factor 2]
+        [--storage runs/sweep-cost] [--grace-period N] [--reduction-factor N]
 
 A trial's wall time runs from the start of its MLflow run (before any pre-training it
 triggers) to its end, or, for a trial ASHA stopped, to its last recorded epoch. The best
@@ -95,8 +96,10 @@ def main(argv=None) -> int:
         "--space", default="finetune_search", help="space file or name in tune_spaces/"
     )
     parser.add_argument("--storage", type=Path, default=Path("runs/sweep-cost"))
-    parser.add_argument("--grace-period", type=int, default=2)
-    parser.add_argument("--reduction-factor", type=int, default=2)
+    parser.add_argument("--grace-period", type=int, help="ASHA's (default: the space's, else 2)")
+    parser.add_argument(
+        "--reduction-factor", type=int, help="ASHA's (default: the space's, else 2)"
+    )
     args = parser.parse_args(argv)
 
     from mixcl_ray.spaces import SPACES_DIR, load_space
@@ -108,11 +111,15 @@ def main(argv=None) -> int:
     data = common.ensure_data(args.data).absolute()
     storage = args.storage.absolute()
     storage.mkdir(parents=True, exist_ok=True)
-    print(f"{common.machine()}; space {path.name}, data {data}")
+    asha = spec.scheduler if spec.scheduler.get("type") == "asha" else {}
+    grace = args.grace_period or asha.get("grace_period", 2)
+    reduction = args.reduction_factor or asha.get("reduction_factor", 2)
+    print(
+        f"{common.machine()}; space {path.name}, data {data}; "
+        f"ASHA grace {grace}, reduction {reduction}"
+    )
     results = {}
-    for name, space in variants(
-        yaml.safe_load(path.read_text()), args.grace_period, args.reduction_factor
-    ).items():
+    for name, space in variants(yaml.safe_load(path.read_text()), grace, reduction).items():
         folder = storage / name.replace(" ", "-").replace("+", "-")
         folder.mkdir(parents=True, exist_ok=True)
         space_file = folder / f"{spec.name}-{folder.name}.yaml"
