@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from mixcl_ray.spaces import SPACES_DIR, load_space
+    from mixcl_ray.spaces import ASHA_DEFAULTS, SPACES_DIR, load_space
 
     path = Path(args.space)
     if not path.exists():
@@ -111,9 +111,9 @@ def main(argv=None) -> int:
     data = common.ensure_data(args.data).absolute()
     storage = args.storage.absolute()
     storage.mkdir(parents=True, exist_ok=True)
-    asha = spec.scheduler if spec.scheduler.get("type") == "asha" else {}
-    grace = args.grace_period or asha.get("grace_period", 2)
-    reduction = args.reduction_factor or asha.get("reduction_factor", 2)
+    asha = {**ASHA_DEFAULTS, **(spec.scheduler if spec.scheduler.get("type") == "asha" else {})}
+    grace = args.grace_period or asha["grace_period"]
+    reduction = args.reduction_factor or asha["reduction_factor"]
     print(
         f"{common.machine()}; space {path.name}, data {data}; "
         f"ASHA grace {grace}, reduction {reduction}"

@@ -52,6 +52,10 @@ TOP_KEYS = {
 SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
 
 
+# ASHA settings a space leaves out (its rungs: epochs grace, grace x reduction, ...)
+ASHA_DEFAULTS = {"grace_period": 2, "reduction_factor": 2}
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     name: str
@@ -62,9 +66,7 @@ class SweepSpec:
     metric: str = "val/dice_mean"
     mode: str = "max"
     num_samples: int = 1
-    scheduler: dict = field(
-        default_factory=lambda: {"type": "asha", "grace_period": 2, "reduction_factor": 2}
-    )
+    scheduler: dict = field(default_factory=lambda: {"type": "asha", **ASHA_DEFAULTS})
     search: str = "basic"  # basic (grid + random) | optuna
     # seeds the random sampling (basic) or Optuna's sampler: the same seed samples the same
     # configurations; null: a new draw each sweep

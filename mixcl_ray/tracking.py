@@ -218,6 +218,17 @@ def child_runs(uri: str, experiment_id: str, parent_id: str) -> list:
     )
 
 
+def open_trial_runs(uri: str, experiment_id: str, parent_id: str, trial_id: str | None = None):
+    """The sweep's trial runs still RUNNING (of one Tune trial if ``trial_id``), except those a
+    resume closed as interrupted."""
+    query = f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"
+    query += " and tags.`mixcl.stage` = 'trial'"
+    if trial_id:
+        query += f" and tags.`{TRIAL_ID_TAG}` = '{trial_id}'"
+    runs = _client(uri).search_runs([experiment_id], query, max_results=10000)
+    return [r for r in runs if INTERRUPTED_TAG not in r.data.tags]
+
+
 def close_as_stopped(uri: str, run_id: str) -> None:
     """Close the run of a trial that the scheduler stopped mid-fit: KILLED, tagged as such."""
     set_tags(uri, run_id, {STOPPED_TAG: "early stopped by the scheduler"})
@@ -246,14 +257,11 @@ class StoppedTrialsCloser(_tune_callback_base()):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if not self.uri:
             return
-        query = (
-            f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' and tags.`{PARENT_TAG}` = "
-            f"'{self.parent_id}' and attributes.status = 'RUNNING'"
-        )
         try:
-            for run in _client(self.uri).search_runs([self.experiment_id], query):
-                if INTERRUPTED_TAG not in run.data.tags:
-                    close_as_stopped(self.uri, run.info.run_id)
+            for run in open_trial_runs(
+                self.uri, self.experiment_id, self.parent_id, trial.trial_id
+            ):
+                close_as_stopped(self.uri, run.info.run_id)
         except Exception as err:  # the sweep's end closes whatever is left RUNNING
             print(f"could not close the run of stopped trial {trial.trial_id}: {err}")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from data_prep import locations
 from data_prep.locations import Location, describe
 from mixcl_ray import tracking
-from mixcl_ray.spaces import SpaceError, load_space, make_search, to_tune_space
+from mixcl_ray.spaces import ASHA_DEFAULTS, SpaceError, load_space, make_search, to_tune_space
 from mixcl_ray.storage import ensure_writable
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "demo.yaml"
@@ -66,8 +66,7 @@ def make_scheduler(spec):
     return tune.schedulers.ASHAScheduler(
         time_attr="training_iteration",  # one report per epoch, counted from 1
         max_t=epochs + 1 if max_t is None or max_t >= epochs else max_t,
-        grace_period=spec.scheduler.get("grace_period", 2),
-        reduction_factor=spec.scheduler.get("reduction_factor", 2),
+        **{k: spec.scheduler.get(k, v) for k, v in ASHA_DEFAULTS.items()},
     )
 
 
@@ -191,20 +190,13 @@ def run_sweep(
         )
     tracking.StoppedTrialsCloser.uri = uri
     results = tuner.fit()
-    experiment = tracking.child_runs(uri, experiment_id, parent_id)
     errored = {r.metrics.get("trial_id") for r in results if r.error}
-    for run in experiment:  # trials that the scheduler stopped mid-fit end without finishing
+    # trial runs still open: stopped ones StoppedTrialsCloser could not close, errored ones
+    for run in tracking.open_trial_runs(uri, experiment_id, parent_id):
         trial_id = run.data.tags.get(tracking.TRIAL_ID_TAG)
-        if (
-            run.data.tags.get("mixcl.stage") != "trial"
-            or run.info.status == "FINISHED"
-            or tracking.INTERRUPTED_TAG in run.data.tags
-            or (run.info.status == "KILLED" and tracking.STOPPED_TAG in run.data.tags)
-        ):  # (closed when it stopped: StoppedTrialsCloser)
-            continue
         if trial_id and trial_id not in errored:
             tracking.close_as_stopped(uri, run.info.run_id)
-        elif run.info.status == "RUNNING":
+        else:
             tracking.end_run(uri, run.info.run_id, "FAILED")
     report_dir = locations.join(storage, "report", state["name"])
     try:
