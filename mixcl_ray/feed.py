@@ -18,7 +18,7 @@ import numpy as np
 from data_prep.reader import UNLABELLED, read_cases, read_manifest, read_splits
 from data_prep.splits import fraction_key
 from mixcl_ray.data.pairs import loss_example
-from mixcl_ray.data.patches import crop_patches, sample_centres, sample_patches
+from mixcl_ray.data.patches import crop_patches, sample_centres, shift_centres
 
 LIMITS_REFRESH_S = 0.05
 
@@ -134,19 +134,17 @@ def _pretrain_examples(batch: dict, config: dict, epoch_offset: int) -> dict:
     case_id = str(_one(batch, "case_id"))
     rng = case_rng(cfg.optim.seed, case_id, epoch_index() + epoch_offset)
     p = cfg.patches
-    images, labels = sample_patches(
-        _one(batch, "image"),
-        _one(batch, "label"),
-        p.patch_size,
-        p.patches_per_case,
-        rng,
-        p.pos,
-        p.neg,
-    )
+    image, label = _one(batch, "image"), _one(batch, "label")
+    centres = sample_centres(label, p.patches_per_case, p.pos, p.neg, rng)
+    images, labels = crop_patches(image, label, centres, p.patch_size)
+    seconds = [None] * len(images)
+    if cfg.views.max_shift:  # the second views cropped at an offset
+        moved = shift_centres(centres, cfg.views.max_shift, rng)
+        seconds = list(zip(*crop_patches(image, label, moved, p.patch_size), strict=True))
     # only what the step reads: MixCL's second corrupted view was made and shipped for nothing
     examples = [
-        loss_example(img, lab, rng, cfg.views, cfg.corruptions, cfg.loss)
-        for img, lab in zip(images, labels, strict=True)
+        loss_example(img, lab, rng, cfg.views, cfg.corruptions, cfg.loss, second)
+        for img, lab, second in zip(images, labels, seconds, strict=True)
     ]
     out = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     out["annotated"] = np.repeat(_one(batch, "annotated")[None], len(examples), axis=0)

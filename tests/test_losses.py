@@ -225,6 +225,57 @@ def test_voxel_sampling_is_class_balanced_and_capped():
     assert torch.allclose(e[m:], e[:m] + 1)  # the same locations in both views
 
 
+def test_views_cropped_apart_draw_their_voxels_from_their_own_labels():
+    """Shifted views (ViewConfig.max_shift) are not aligned: each view's voxels are drawn from its
+    own label map, with the same caps, and keep that map's class."""
+    labels1 = torch.zeros(2, 8, 8, 8, dtype=torch.uint8)
+    labels2 = torch.zeros(2, 8, 8, 8, dtype=torch.uint8)
+    labels1[:, :4] = 1  # class 1 in the first half of view 1, class 2 only in view 2
+    labels2[:, 4:] = 1
+    labels2[1, 0, 0, :5] = 2
+    # each voxel's embedding holds its class, so a location drawn from the wrong map shows
+    emb1, emb2 = labels1[:, None].float().expand(-1, 3, -1, -1, -1), labels2[:, None].float()
+    emb2 = emb2.expand(-1, 3, -1, -1, -1) + 10
+    annotated = torch.ones(2, 3, dtype=torch.bool)
+    e, lab, ann = sample_voxels(
+        (emb1, emb2),
+        (labels1, labels2),
+        annotated,
+        voxels_per_class=20,
+        background_voxels=10,
+        generator=torch.Generator().manual_seed(0),
+    )
+    view2 = e[:, 0] >= 10
+    assert torch.bincount(lab[~view2], minlength=3).tolist() == [10, 20, 0]
+    assert torch.bincount(lab[view2], minlength=3).tolist() == [10, 20, 5]
+    assert torch.equal(e[~view2, 0].long(), lab[~view2])
+    assert torch.equal(e[view2, 0].long() - 10, lab[view2])
+    assert ann.shape == (e.shape[0], 3)
+
+
+def test_mixcl_step_on_views_cropped_apart():
+    """A MixCL step on a batch with a label per view: every term finite, gradients reach the
+    encoder, and the label term differs from the one that takes view 1's labels for both."""
+    torch.manual_seed(0)
+    model = MixCLModel(ModelConfig(features=(4, 4, 8, 8, 16, 4), global_dim=8, dense_dim=8))
+    loss_fn = MixCLLoss(LossConfig())
+    batch = _batch()
+    batch["input1"] = batch["clean1"] + 0.1
+    batch["label2"] = torch.roll(batch["label"], shifts=5, dims=1)
+    for v in ("1", "2"):
+        batch["flips" + v] = torch.zeros(2, 3, dtype=torch.bool)
+        batch["rot" + v] = torch.zeros(2, dtype=torch.long)
+    out1, out2 = view_outputs(model, loss_fn.heads, batch)
+    terms = loss_fn(out1, out2, batch, generator=torch.Generator().manual_seed(0))
+    assert set(terms) == {"identity", "label", "reconstruction", "loss"}
+    terms["loss"].backward()
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert next(model.backbone.encoder.parameters()).grad.abs().sum() > 0
+    aligned = {k: v for k, v in batch.items() if k != "label2"}
+    again = loss_fn.label_term(out1, out2, aligned, torch.Generator().manual_seed(0))
+    assert not torch.isclose(again, terms["label"])
+
+
 def test_label_loss_without_positives_is_zero_with_gradient():
     emb = torch.randn(3, 4, requires_grad=True)
     loss = LabelConsistencyLoss(0.1)(

@@ -22,6 +22,7 @@ from mixcl_ray.data.patches import (
     crop_patches,
     sample_centres,
     sample_patches,
+    shift_centres,
 )
 from mixcl_ray.data.views import (
     ViewConfig,
@@ -81,6 +82,34 @@ def test_only_the_restored_views_are_corrupted(restored):
             assert not np.array_equal(ex["input" + v], ex["clean" + v])
         else:
             assert ex["input" + v] is ex["clean" + v]  # not corrupted, not copied
+
+
+def test_second_view_cropped_at_an_offset_carries_its_own_label():
+    """ViewConfig.max_shift: the second view is the crop at a centre moved by at most max_shift
+    voxels per axis, with that crop's label; without a second crop nothing changes (the same
+    random draws, no label2)."""
+    rng = np.random.default_rng(5)
+    image = rng.random((40, 40, 40)).astype(np.float32)
+    label = (image > 0.5).astype(np.uint8)
+    centres = np.array([[20, 20, 20]] * 200)
+    moved = shift_centres(centres, 4, rng)
+    offsets = moved - centres
+    assert np.abs(offsets).max() == 4 and len({tuple(o) for o in offsets}) > 100
+    plain = ViewConfig(scale=(1, 1), shift=(0, 0), gamma=(1, 1), noise_std=0)
+    first = crop_patches(image, label, centres[:1], (16, 16, 16))
+    second = crop_patches(image, label, moved[:1], (16, 16, 16))
+    ex = make_pretrain_example(
+        first[0][0], first[1][0], rng, plain, None, second=(second[0][0], second[1][0])
+    )
+    assert np.allclose(ex["clean1"][0], first[0][0], atol=1e-6)  # the identity intensity map
+    assert np.allclose(ex["clean2"][0], second[0][0], atol=1e-6)
+    assert np.array_equal(ex["label"], first[1][0])
+    assert np.array_equal(ex["label2"], second[1][0])
+    a = make_pretrain_example(image[:8, :8, :8], label[:8, :8, :8], np.random.default_rng(1))
+    b = make_pretrain_example(image[:8, :8, :8], label[:8, :8, :8], np.random.default_rng(1))
+    assert "label2" not in a and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="max_shift must be an integer >= 0"):
+        ViewConfig(max_shift=-1)
 
 
 def test_views_differ_in_intensity_independently():

@@ -23,17 +23,17 @@ def restored_views(l_id: float, l_label: float, l_rec: float) -> int:
     return 1 if l_id > 0 or l_label > 0 else 2
 
 
-def example_keys(restored: int) -> tuple[str, ...]:
+def example_keys(restored: int, shifted: bool = False) -> tuple[str, ...]:
     """The arrays a training step reads when ``restored`` views are restored: the network's
-    inputs, the reconstruction targets and the views' geometry. Without reconstruction the
-    inputs are the clean views themselves (no ``clean*``); MixCL needs no second corrupted
-    input."""
+    inputs, the reconstruction targets and the views' geometry (with ``label2`` when the second
+    view is cropped elsewhere, ``ViewConfig.max_shift``). Without reconstruction the inputs are
+    the clean views themselves (no ``clean*``); MixCL needs no second corrupted input."""
     images = {
         0: ("input1", "input2"),
         1: ("clean1", "clean2", "input1"),
         2: ("clean1", "clean2", "input1", "input2"),
     }[restored]
-    return images + GEOMETRY
+    return images + GEOMETRY + (("label2",) if shifted else ())
 
 
 def make_pretrain_example(
@@ -43,20 +43,26 @@ def make_pretrain_example(
     views: ViewConfig = DEFAULT_VIEWS,
     corruptions: CorruptionConfig | None = DEFAULT_CORRUPTIONS,
     restored: int = 2,
+    second: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """image: (X, Y, Z) float32 patch; label: (X, Y, Z) uint8 (255 = unlabelled).
+    """image: (X, Y, Z) float32 patch; label: (X, Y, Z) uint8 (255 = unlabelled); ``second``:
+    the (image, label) patch of the second view when it is cropped elsewhere (None: both views
+    of ``image``).
 
     Returns clean1/clean2 (1, X, Y, Z): the two views (the reconstruction targets);
     input1/input2 (1, X, Y, Z): the network inputs, the views corrupted when ``corruptions`` is
     given, only the first ``restored`` of them (the others are the clean views, not copied);
     flips1/flips2 (3,) bool and rot1/rot2 (): the spatial transform of each view; label
-    (X, Y, Z) in the patch's own frame.
+    (X, Y, Z) in the first view's own frame (and label2 in the second's, with ``second``).
     """
     example: dict[str, np.ndarray] = {"label": label}
+    patches = (image, image if second is None else second[0])
+    if second is not None:
+        example["label2"] = second[1]
     for index, v in enumerate(("1", "2")):
         flips, rot = random_spatial(rng, views)
         clean = augment_intensity(
-            apply_spatial(image[None], flips, rot), rng, views
+            apply_spatial(patches[index][None], flips, rot), rng, views
         )  # (1, X, Y, Z)
         example[f"clean{v}"] = clean
         restore = corruptions is not None and index < restored
@@ -73,12 +79,13 @@ def loss_example(
     views: ViewConfig,
     corruptions: CorruptionConfig,
     loss,
+    second: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """One example holding only the arrays a step of ``loss``'s terms reads (``loss``: a
     ``LossConfig``): corrupted views only where the reconstruction head restores them, clean
-    views alone without that term."""
+    views alone without that term; ``second`` as ``make_pretrain_example`` takes it."""
     restored = restored_views(loss.l_id, loss.l_label, loss.l_rec)
     example = make_pretrain_example(
-        image, label, rng, views, corruptions if restored else None, restored
+        image, label, rng, views, corruptions if restored else None, restored, second
     )
-    return {k: example[k] for k in example_keys(restored)}
+    return {k: example[k] for k in example_keys(restored, second is not None)}

@@ -23,7 +23,14 @@ class ViewConfig:
     """Per-view augmentation. Flips and rot90 are off by default: on abdominal CT a left-right
     flip turns the liver's side into the spleen's, so invariance to it works against telling
     them apart, and on short CPU budgets the identity term did not learn at all with them on
-    (it stayed at its chance value log(2B - 1)); with intensity changes alone it did."""
+    (it stayed at its chance value log(2B - 1)); with intensity changes alone it did.
+
+    ``max_shift``: the second view is cropped at an offset of up to this many voxels per axis
+    from the first (overlapping crops, as SimCLR's random crops: the identity term then has to
+    match neighbouring regions instead of the same voxels under new intensities, which it
+    solves almost at once); 0, the default, crops both views at the same place. With a shift
+    each view carries its own label (``label2``) and the label term draws each view's voxels
+    from its own."""
 
     flip_prob: float = 0.0
     rotate: bool = False
@@ -31,12 +38,16 @@ class ViewConfig:
     shift: tuple[float, float] = (-0.1, 0.1)
     gamma: tuple[float, float] = (0.7, 1.5)
     noise_std: float = 0.03
+    max_shift: int = 0
 
     def __post_init__(self):
         if not 0 <= self.flip_prob <= 1:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
         if self.gamma[0] <= 0 or self.scale[0] <= 0 or self.noise_std < 0:
             raise ValueError("gamma and scale must be positive and noise_std >= 0")
+        shift = self.max_shift
+        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+            raise ValueError(f"max_shift must be an integer >= 0 (voxels), got {self.max_shift!r}")
 
 
 def random_spatial(rng: np.random.Generator, config: ViewConfig) -> tuple[np.ndarray, int]:

@@ -114,7 +114,7 @@ def _floor(positives: torch.Tensor) -> torch.Tensor | None:
 
 def sample_voxels(
     voxel_embeddings: tuple[torch.Tensor, ...],
-    labels: torch.Tensor,
+    labels: torch.Tensor | tuple[torch.Tensor, ...],
     annotated: torch.Tensor,
     voxels_per_class: int,
     background_voxels: int,
@@ -127,7 +127,17 @@ def sample_voxels(
     ``voxels_per_class`` locations per foreground class and ``background_voxels`` background
     locations are drawn over the whole batch (never all voxels). Returns embeddings (V*M, E),
     labels (V*M,), annotated (V*M, K).
+
+    Views cropped at different places (``ViewConfig.max_shift``) are not aligned: ``labels`` is
+    then a tuple of V label tensors, one per view, and each view's locations are drawn from
+    its own, with the same caps.
     """
+    if isinstance(labels, tuple | list):
+        parts = [
+            sample_voxels((v,), lab, annotated, voxels_per_class, background_voxels, generator)
+            for v, lab in zip(voxel_embeddings, labels, strict=True)
+        ]
+        return tuple(torch.cat(part) for part in zip(*parts, strict=True))
     b, e = voxel_embeddings[0].shape[:2]
     flat_labels = labels.reshape(-1)  # (B*D*H*W,)
     chosen = []
