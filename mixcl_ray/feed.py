@@ -18,7 +18,7 @@ import numpy as np
 from data_prep.reader import UNLABELLED, read_cases, read_manifest, read_splits
 from data_prep.splits import fraction_key
 from mixcl_ray.data.pairs import loss_example
-from mixcl_ray.data.patches import crop_patches, sample_centres, shift_centres
+from mixcl_ray.data.patches import crop_patches, offset_centres, sample_centres
 
 LIMITS_REFRESH_S = 0.05
 
@@ -138,8 +138,8 @@ def _pretrain_examples(batch: dict, config: dict, epoch_offset: int) -> dict:
     centres = sample_centres(label, p.patches_per_case, p.pos, p.neg, rng)
     images, labels = crop_patches(image, label, centres, p.patch_size)
     seconds = [None] * len(images)
-    if cfg.views.max_shift:  # the second views cropped at an offset
-        moved = shift_centres(centres, cfg.views.max_shift, rng)
+    if cfg.views.crop_offset:  # the second views cropped at an offset
+        moved = offset_centres(centres, cfg.views.crop_offset, rng)
         seconds = list(zip(*crop_patches(image, label, moved, p.patch_size), strict=True))
     # only what the step reads: MixCL's second corrupted view was made and shipped for nothing
     examples = [

@@ -138,8 +138,8 @@ class PretrainConfig:
     def __post_init__(self):
         _check(0 <= self.pretrain_label_fraction <= 1, "pretrain_label_fraction must be in [0, 1]")
         _check(
-            self.views.max_shift < min(self.patches.patch_size),
-            f"views.max_shift ({self.views.max_shift}) must be below the patch side "
+            self.views.crop_offset < min(self.patches.patch_size),
+            f"views.crop_offset ({self.views.crop_offset}) must be below the patch side "
             f"({min(self.patches.patch_size)}): the two views have to overlap",
         )
 

@@ -226,7 +226,7 @@ def test_voxel_sampling_is_class_balanced_and_capped():
 
 
 def test_views_cropped_apart_draw_their_voxels_from_their_own_labels():
-    """Shifted views (ViewConfig.max_shift) are not aligned: each view's voxels are drawn from its
+    """Shifted views (ViewConfig.crop_offset) are not aligned: each view's voxels are drawn from its
     own label map, with the same caps, and keep that map's class."""
     labels1 = torch.zeros(2, 8, 8, 8, dtype=torch.uint8)
     labels2 = torch.zeros(2, 8, 8, 8, dtype=torch.uint8)

@@ -308,7 +308,7 @@ def test_every_ray_process_rereads_the_data_limits_often_and_polls_train_workers
 
 
 def test_views_cropped_apart_ship_a_label_per_view_and_must_overlap():
-    """views.max_shift > 0: each example's second view is cropped at its own offset and carries
+    """views.crop_offset > 0: each example's second view is cropped at its own offset and carries
     its own label (label2); 0 keeps one label for both views, with the same patches and draws as
     before the option; a shift as large as the patch side is refused (no overlap)."""
     from mixcl_ray.data.pairs import example_keys
@@ -323,18 +323,18 @@ def test_views_cropped_apart_ship_a_label_per_view_and_must_overlap():
         "label": [label],
         "annotated": [np.array([True, False, True])],
     }
-    overrides = {"patches": {"patches_per_case": 6}, "views": {"max_shift": 6}}
-    shifted = to_dict(load_config("pretrain", overrides=overrides))
+    overrides = {"patches": {"patches_per_case": 6}, "views": {"crop_offset": 6}}
+    apart = to_dict(load_config("pretrain", overrides=overrides))
     plain = to_dict(load_config("pretrain", overrides={"patches": {"patches_per_case": 6}}))
-    one = _pretrain_examples(case, shifted, 0)
-    assert set(one) == {*example_keys(1, shifted=True), "annotated"}
+    one = _pretrain_examples(case, apart, 0)
+    assert set(one) == {*example_keys(1, cropped_apart=True), "annotated"}
     assert one["label2"].shape == one["label"].shape == (6, 32, 32, 32)
     assert not np.array_equal(one["label"], one["label2"])  # other crops, other voxels
     two = _pretrain_examples(case, plain, 0)
     assert set(two) == {*example_keys(1), "annotated"}
     assert np.array_equal(two["label"], one["label"])  # the first views: the same centres
-    with pytest.raises(ValueError, match=r"views.max_shift \(32\) must be below the patch side"):
-        load_config("pretrain", overrides={"views": {"max_shift": 32}})
+    with pytest.raises(ValueError, match=r"views.crop_offset \(32\) must be below the patch side"):
+        load_config("pretrain", overrides={"views": {"crop_offset": 32}})
 
 
 def test_shuffle_buffer_zero_turns_the_shuffling_batcher_off():

@@ -20,9 +20,9 @@ from mixcl_ray.data.patches import (
     UNLABELLED,
     crop,
     crop_patches,
+    offset_centres,
     sample_centres,
     sample_patches,
-    shift_centres,
 )
 from mixcl_ray.data.views import (
     ViewConfig,
@@ -85,14 +85,14 @@ def test_only_the_restored_views_are_corrupted(restored):
 
 
 def test_second_view_cropped_at_an_offset_carries_its_own_label():
-    """ViewConfig.max_shift: the second view is the crop at a centre moved by at most max_shift
+    """ViewConfig.crop_offset: the second view is the crop at a centre moved by at most crop_offset
     voxels per axis, with that crop's label; without a second crop nothing changes (the same
     random draws, no label2)."""
     rng = np.random.default_rng(5)
     image = rng.random((40, 40, 40)).astype(np.float32)
     label = (image > 0.5).astype(np.uint8)
     centres = np.array([[20, 20, 20]] * 200)
-    moved = shift_centres(centres, 4, rng)
+    moved = offset_centres(centres, 4, rng)
     offsets = moved - centres
     assert np.abs(offsets).max() == 4 and len({tuple(o) for o in offsets}) > 100
     plain = ViewConfig(scale=(1, 1), shift=(0, 0), gamma=(1, 1), noise_std=0)
@@ -108,8 +108,8 @@ def test_second_view_cropped_at_an_offset_carries_its_own_label():
     a = make_pretrain_example(image[:8, :8, :8], label[:8, :8, :8], np.random.default_rng(1))
     b = make_pretrain_example(image[:8, :8, :8], label[:8, :8, :8], np.random.default_rng(1))
     assert "label2" not in a and all(np.array_equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="max_shift must be an integer >= 0"):
-        ViewConfig(max_shift=-1)
+    with pytest.raises(ValueError, match="crop_offset must be an integer >= 0"):
+        ViewConfig(crop_offset=-1)
 
 
 def test_views_differ_in_intensity_independently():

@@ -23,17 +23,17 @@ def restored_views(l_id: float, l_label: float, l_rec: float) -> int:
     return 1 if l_id > 0 or l_label > 0 else 2
 
 
-def example_keys(restored: int, shifted: bool = False) -> tuple[str, ...]:
+def example_keys(restored: int, cropped_apart: bool = False) -> tuple[str, ...]:
     """The arrays a training step reads when ``restored`` views are restored: the network's
     inputs, the reconstruction targets and the views' geometry (with ``label2`` when the second
-    view is cropped elsewhere, ``ViewConfig.max_shift``). Without reconstruction the inputs are
+    view is cropped elsewhere, ``ViewConfig.crop_offset``). Without reconstruction the inputs are
     the clean views themselves (no ``clean*``); MixCL needs no second corrupted input."""
     images = {
         0: ("input1", "input2"),
         1: ("clean1", "clean2", "input1"),
         2: ("clean1", "clean2", "input1", "input2"),
     }[restored]
-    return images + GEOMETRY + (("label2",) if shifted else ())
+    return images + GEOMETRY + (("label2",) if cropped_apart else ())
 
 
 def make_pretrain_example(

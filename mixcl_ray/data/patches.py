@@ -66,10 +66,10 @@ def sample_patches(
     return crop_patches(image, label, sample_centres(label, n, pos, neg, rng), patch_size)
 
 
-def shift_centres(centres: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
-    """``centres`` (n, 3) each moved by a uniform integer offset in [-max_shift, max_shift] per
-    axis: where a second, overlapping view is cropped."""
-    return centres + rng.integers(-max_shift, max_shift + 1, size=centres.shape)
+def offset_centres(centres: np.ndarray, offset: int, rng: np.random.Generator) -> np.ndarray:
+    """``centres`` (n, 3) each moved by a uniform integer offset in [-offset, offset] per axis:
+    where a second, overlapping view is cropped."""
+    return centres + rng.integers(-offset, offset + 1, size=centres.shape)
 
 
 def crop_patches(

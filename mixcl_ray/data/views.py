@@ -25,7 +25,7 @@ class ViewConfig:
     them apart, and on short CPU budgets the identity term did not learn at all with them on
     (it stayed at its chance value log(2B - 1)); with intensity changes alone it did.
 
-    ``max_shift``: the second view is cropped at an offset of up to this many voxels per axis
+    ``crop_offset``: the second view is cropped at an offset of up to this many voxels per axis
     from the first (overlapping crops, as SimCLR's random crops: the identity term then has to
     match neighbouring regions instead of the same voxels under new intensities, which it
     solves almost at once); 0, the default, crops both views at the same place. With a shift
@@ -38,16 +38,16 @@ class ViewConfig:
     shift: tuple[float, float] = (-0.1, 0.1)
     gamma: tuple[float, float] = (0.7, 1.5)
     noise_std: float = 0.03
-    max_shift: int = 0
+    crop_offset: int = 0
 
     def __post_init__(self):
         if not 0 <= self.flip_prob <= 1:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
         if self.gamma[0] <= 0 or self.scale[0] <= 0 or self.noise_std < 0:
             raise ValueError("gamma and scale must be positive and noise_std >= 0")
-        shift = self.max_shift
-        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
-            raise ValueError(f"max_shift must be an integer >= 0 (voxels), got {self.max_shift!r}")
+        offset = self.crop_offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"crop_offset must be an integer >= 0 (voxels), got {offset!r}")
 
 
 def random_spatial(rng: np.random.Generator, config: ViewConfig) -> tuple[np.ndarray, int]:

@@ -128,7 +128,7 @@ def sample_voxels(
     locations are drawn over the whole batch (never all voxels). Returns embeddings (V*M, E),
     labels (V*M,), annotated (V*M, K).
 
-    Views cropped at different places (``ViewConfig.max_shift``) are not aligned: ``labels`` is
+    Views cropped at different places (``ViewConfig.crop_offset``) are not aligned: ``labels`` is
     then a tuple of V label tensors, one per view, and each view's locations are drawn from
     its own, with the same caps.
     """

@@ -46,7 +46,7 @@ class MixCLLoss(nn.Module):
         ``diagnostics`` (a dict), when given, gets ``label_excess``: the term minus its floor
         (``label_floor``), only for a batch with labelled voxels."""
         c = self.config
-        # views cropped apart carry a label each (ViewConfig.max_shift)
+        # views cropped apart carry a label each (ViewConfig.crop_offset)
         view_labels = (batch["label"], batch["label2"]) if "label2" in batch else batch["label"]
         embeddings, labels, annotated = sample_voxels(
             (out1["voxel_embeddings"], out2["voxel_embeddings"]),
