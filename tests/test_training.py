@@ -259,15 +259,19 @@ def test_full_epochs_give_every_label_fraction_the_steps_of_all_labels(prepared_
 
 
 @pytest.mark.parametrize(
-    "loss, restored", [({}, 1), ({"l_id": 0, "l_label": 0}, 2), ({"l_rec": 0}, 0)]
+    "loss, restored, offset",
+    [({}, 1, 0), ({"l_id": 0, "l_label": 0}, 2, 0), ({"l_rec": 0}, 0, 0), ({}, 1, 4)],
 )
-def test_the_feed_ships_only_what_the_step_reads(ray_session, prepared_benchmark, loss, restored):
+def test_the_feed_ships_only_what_the_step_reads(
+    ray_session, prepared_benchmark, loss, restored, offset
+):
     from mixcl_ray.data.pairs import example_keys
     from mixcl_ray.feed import build_pretrain_dataset
 
-    config = load_config("pretrain", overrides={**QUICK, "loss": loss})
+    overrides = {**QUICK, "loss": loss, "views": {"crop_offset": offset}}
+    config = load_config("pretrain", overrides=overrides)
     batch = build_pretrain_dataset(prepared_benchmark, to_dict(config)).take_batch(4)
-    assert set(batch) == {*example_keys(restored), "annotated"}
+    assert set(batch) == {*example_keys(restored, cropped_apart=offset > 0), "annotated"}
     if restored == 1:  # MixCL: the first view corrupted, its clean version kept as the target
         assert not np.array_equal(batch["input1"], batch["clean1"])
 
