@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 
@@ -33,3 +34,25 @@ def machine() -> str:
     return (
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
     )
+
+
+def run_sweep(command: list[str], resume_hint: str, **popen_kwargs) -> None:
+    """Run a sweep command and wait for it to end, Ctrl-C included.
+
+    Ctrl-C in a terminal reaches the sweep too (one process group), and the sweep stops on its
+    own: it saves its state and closes its runs. ``subprocess.run`` would SIGKILL it on the
+    KeyboardInterrupt instead, leaving its MLflow runs open and its local Ray behind. So an
+    interrupt here only waits; once the sweep has ended, exit with ``resume_hint``. A failing
+    sweep exits with its status."""
+    proc = subprocess.Popen(command, **popen_kwargs)
+    interrupted = False
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise SystemExit(f"interrupted; {resume_hint}")
+    if code:
+        raise SystemExit(code)

@@ -18,7 +18,6 @@ The baseline, scratch, is measured in the same study; every figure is from this 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -105,7 +104,8 @@ def main() -> None:
         command += ["--storage", str(args.storage), "--tracking-uri", uri]
         command += ["--data", args.data] if args.data else []
         command += ["--resume"] if args.resume else []
-        subprocess.run(command, check=True, cwd=ROOT)
+        hint = f"continue with: python benchmarks/label_efficiency.py --storage {args.storage} --resume"
+        common.run_sweep(command, hint, cwd=ROOT)
     report(uri, args.experiment, args.storage / "label-efficiency-report")
 
 
