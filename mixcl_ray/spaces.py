@@ -4,7 +4,7 @@ A space file names the data, the preset, fixed overrides of each stage, the reso
 trial, the scheduler and search algorithm, and the searched dimensions. Dimensions use one
 flat vocabulary (the same names are MLflow params): method, l_id, l_label, l_rec,
 temperature_id, temperature_label, pretrain_label_fraction, label_fraction, seed, lr,
-pretrain_lr. Each is a constant or one of {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]},
+pretrain_lr, crop_offset. Each is a constant or one of {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]},
 {loguniform: [lo, hi]}, {randint: [lo, hi]}.
 """
 
@@ -30,6 +30,7 @@ DIMENSIONS = {
     "seed": int,
     "lr": float,
     "pretrain_lr": float,
+    "crop_offset": int,  # views.crop_offset of the pre-training
 }
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = {
@@ -123,6 +124,8 @@ def _check_dimension(path: str, name: str, value) -> None:
             raise SpaceError(f"{path}: {name}: {v!r} is not a number")
         if name in ("label_fraction", "pretrain_label_fraction") and not 0 <= v <= 1:
             raise SpaceError(f"{path}: {name}: {v} is not in [0, 1]")
+        if name == "crop_offset" and (v < 0 or v != int(v)):
+            raise SpaceError(f"{path}: crop_offset: {v!r} is not a whole number of voxels >= 0")
 
 
 def load_space(path: str | os.PathLike) -> SweepSpec:

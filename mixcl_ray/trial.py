@@ -39,6 +39,8 @@ def pretrain_overrides(sample: dict, fixed: dict) -> dict | None:
         over = _deep(over, {"optim": {"lr": sample["pretrain_lr"]}})
     if "pretrain_label_fraction" in sample:
         over["pretrain_label_fraction"] = sample["pretrain_label_fraction"]
+    if "crop_offset" in sample:
+        over = _deep(over, {"views": {"crop_offset": int(sample["crop_offset"])}})
     return over
 
 
@@ -90,6 +92,7 @@ def trial_params(sample: dict, pre_cfg, ft_cfg, ctx: dict) -> dict:
         "temperature_id": loss.temperature_id if loss else "",
         "temperature_label": loss.temperature_label if loss else "",
         "pretrain_label_fraction": pre_cfg.pretrain_label_fraction if pre_cfg else "",
+        "crop_offset": pre_cfg.views.crop_offset if pre_cfg else "",
         "label_fraction": ft_cfg.label_fraction,
         "seed": ft_cfg.optim.seed,
         "lr": ft_cfg.optim.lr,

@@ -41,6 +41,7 @@ def test_shipped_spaces_are_valid(name):
         ("space: {seed: 0}\nscheduler: {type: hyperband}\n", "scheduler.type"),
         ("space: [1, 2\n", "not valid YAML"),
         ("space: {seed: 0}\nsearch_seed: 1.5\n", "search_seed must be a non-negative integer"),
+        ("space: {crop_offset: {grid: [0, 2.5]}}\n", "crop_offset: 2.5 is not a whole number"),
     ],
 )
 def test_space_errors_name_the_file_and_the_key(tmp_path, text, message):
@@ -280,6 +281,22 @@ def test_trial_key_changes_with_any_fixed_stage_setting():
     assert key(ft_over={"min_patches_per_epoch": "full"}) != base
     assert key(ft_over={"patches": {"patch_size": [48, 48, 48]}}) != base
     assert key(pre_over={"views": {"noise_std": 0.05}}) != base
+
+
+def test_crop_offset_dimension_sets_the_pretraining_views_and_is_a_param():
+    from mixcl_ray.train_config import load_config
+    from mixcl_ray.trial import pretrain_overrides, trial_params
+
+    fixed = {"views": {"gamma": [0.9, 1.1]}}
+    over = pretrain_overrides({"method": "mixcl", "crop_offset": 6}, fixed)
+    assert over["views"] == {"gamma": [0.9, 1.1], "crop_offset": 6}
+    pre = load_config("pretrain", overrides=over)
+    assert pre.views.crop_offset == 6 and pre.views.gamma == (0.9, 1.1)
+    ft = load_config("finetune")
+    ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
+    assert trial_params({"method": "mixcl"}, pre, ft, ctx)["crop_offset"] == 6
+    assert trial_params({"method": "scratch"}, None, ft, ctx)["crop_offset"] == ""
+    assert pretrain_overrides({"method": "scratch", "crop_offset": 6}, {}) is None
 
 
 def test_concurrent_trials_share_the_cpus_between_them():
