@@ -28,9 +28,9 @@ class ViewConfig:
     ``crop_offset``: the second view is cropped at an offset of up to this many voxels per axis
     from the first (overlapping crops, as SimCLR's random crops: the identity term then has to
     match neighbouring regions instead of the same voxels under new intensities, which it
-    solves almost at once); 0, the default, crops both views at the same place. With a shift
-    each view carries its own label (``label2``) and the label term draws each view's voxels
-    from its own."""
+    solves almost at once); 0, the default, crops both views at the same place. With an
+    offset each view carries its own label (``label2``) and the label term draws each view's
+    voxels from its own."""
 
     flip_prob: float = 0.0
     rotate: bool = False
