@@ -12,7 +12,8 @@ The corpora are the prepared cases copied under new case ids (Parquet shards rew
 manifest and splits extended), written once into --work. Ours runs with the default
 ``patches.cache_cases: auto``: the decoded cases are kept in Ray's object store while they fill
 at most a quarter of it, and streamed (read and decoded every epoch) beyond that; the table says
-which. One 32^3 patch per case, batch 4, two Train workers on CPU.
+which. One 32^3 patch per case and 4 patches a step on both sides: the MONAI loop's batch of 4,
+two Train workers on CPU with 2 each (``--batch`` is the step's batch, split over the workers).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from monai.transforms import Transform
 
 ROOT = Path(__file__).resolve().parents[1]
 SEP = "~"  # case id of copy r: "<id>~r"
+WORKERS = 2  # Train workers of ours
 
 
 def pretraining_bytes(data: Path) -> tuple[int, int]:
@@ -97,29 +99,38 @@ def replicate(src: Path, copies: int, out: Path) -> Path:
     return out
 
 
-def _config(size: int, batch: int) -> dict:
+def _config(size: int, batch: int, workers: int = 1) -> dict:
+    """The pre-training config of one epoch; ``batch`` patches a step, split over ``workers``."""
     from mixcl_ray.train_config import load_config, to_dict
 
+    if batch % workers:
+        raise SystemExit(f"--batch {batch} does not split over {workers} Train workers")
     return to_dict(
         load_config(
             "pretrain",
             overrides={
                 "optim": {"epochs": 1},
-                "patches": {"patch_size": [size] * 3, "patches_per_case": 1, "batch_size": batch},
+                "patches": {
+                    "patch_size": [size] * 3,
+                    "patches_per_case": 1,
+                    "batch_size": batch // workers,
+                },
+                "scaling": {"workers": workers},
             },
         )
     )
 
 
 def run_ours(data: Path, size: int, batch: int) -> dict:
-    """One epoch of our Ray Train pre-training (2 workers, Ray Data feed)."""
+    """One epoch of our Ray Train pre-training (2 workers, Ray Data feed, ``batch`` patches a
+    step: the same steps as the MONAI loop's)."""
     import ray
 
     from mixcl_ray.feed import pretraining_cases, should_cache
     from mixcl_ray.pretrain import init_ray, run_pretraining
     from mixcl_ray.train_config import PretrainConfig, from_dict
 
-    config = from_dict(PretrainConfig, _config(size, batch))
+    config = from_dict(PretrainConfig, _config(size, batch, WORKERS))
     with TreeMemory() as memory, tempfile.TemporaryDirectory() as storage:
         start = time.perf_counter()
         init_ray(num_cpus=2)  # with the dashboard: Train wants it
@@ -245,7 +256,9 @@ def main(argv=None) -> int:
         "--work", type=Path, help="folder for the corpora (default: a cache folder)"
     )
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument(
+        "--batch", type=int, default=4, help="patches a step (ours: split over the 2 Train workers)"
+    )
     parser.add_argument("--skip-monai", action="store_true", help="measure ours only")
     parser.add_argument("--child", choices=["ours", "monai"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -254,6 +267,8 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(run(args.data, args.size, args.batch)))
         return 0
 
+    if args.batch % WORKERS:
+        parser.error(f"--batch must split over the {WORKERS} Train workers")
     from data_prep.cli import DEFAULT_CACHE
 
     data = common.ensure_data(args.data).absolute()
@@ -262,7 +277,7 @@ def main(argv=None) -> int:
     base = max(1, math.ceil(args.target_gb * 1e9 / max(args.scales) / nbytes))
     print(
         f"{common.machine()}; one pre-training epoch, {args.size}^3 patches, 1 per case, "
-        f"batch {args.batch}; 1x = {base} copies of the {cases} pre-training cases of {data}"
+        f"{args.batch} a step (ours: {args.batch // WORKERS} on each of {WORKERS} Train workers); 1x = {base} copies of the {cases} pre-training cases of {data}"
     )
     print(
         "| scale | cases | decoded GB | ours peak PSS GiB | ours feed | ours s | MONAI peak PSS "
