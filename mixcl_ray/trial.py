@@ -121,6 +121,29 @@ def trial_key(params: dict, pre_cfg, ft_cfg) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def pretrain_params(pre_cfg, ctx: dict, key: str) -> dict:
+    """The params of a pre-training run: its loss settings and what else tells two cached
+    pre-trainings apart (seed, views, corpus, schedule), so that the runs of a multi-seed
+    study can be told apart in MLflow."""
+    from mixcl_ray.train_config import to_dict
+
+    return {
+        "cache_key": key,
+        "preset": ctx["preset"],
+        "data_fingerprint": ctx["fingerprint"][:16],
+        **to_dict(pre_cfg.loss),
+        "epochs": pre_cfg.optim.epochs,
+        "seed": pre_cfg.optim.seed,
+        "lr": pre_cfg.optim.lr,
+        "crop_offset": pre_cfg.views.crop_offset,
+        "pretrain_label_fraction": pre_cfg.pretrain_label_fraction,
+        "target_images": pre_cfg.target_images,
+        "patch_size": "x".join(str(s) for s in pre_cfg.patches.patch_size),
+        "batch_size": pre_cfg.patches.batch_size,
+        "workers": pre_cfg.scaling.workers,
+    }
+
+
 def cached_pretraining(pre_cfg, ctx: dict, owner: str = "") -> tuple[Path, str, bool]:
     """(pretrained.pt, cache key, reused?) for a pre-training config; trains it once. With
     the sweep's ``pretrain_cache`` off, the key includes ``owner`` (the trial's key): every
@@ -148,13 +171,7 @@ def cached_pretraining(pre_cfg, ctx: dict, owner: str = "") -> tuple[Path, str, 
             ctx["experiment_id"],
             f"pretrain {key}",
             {"mixcl.stage": "pretrain"},
-            {
-                "cache_key": key,
-                "preset": ctx["preset"],
-                "data_fingerprint": ctx["fingerprint"][:16],
-                **{f"{k}": v for k, v in to_dict(pre_cfg.loss).items()},
-                "epochs": pre_cfg.optim.epochs,
-            },
+            pretrain_params(pre_cfg, ctx, key),
             parent_id=ctx["parent_id"],
             reuse_tag=("mixcl.pretrain_key", key),
             continue_interrupted=False,

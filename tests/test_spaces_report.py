@@ -317,3 +317,21 @@ def test_concurrent_trials_share_the_cpus_between_them():
     assert "cpus_per_worker" not in trial_scaling({**ctx, "gpus_per_worker": 1}, {}, 2)
     explicit = {"scaling": {"cpus_per_worker": 0.75}}
     assert "cpus_per_worker" not in trial_scaling(ctx, explicit, 2)  # the stage's own value stays
+
+
+def test_pretraining_runs_carry_what_tells_two_pretrainings_apart():
+    # two cached pre-trainings of a multi-seed study differ in their seed (and views): their
+    # MLflow runs must say so, not only their loss weights
+    from mixcl_ray.train_config import load_config
+    from mixcl_ray.trial import pretrain_overrides, pretrain_params
+
+    ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
+    runs = []
+    for seed, offset in ((0, 0), (1, 0), (1, 6)):
+        over = pretrain_overrides({"method": "mixcl", "seed": seed, "crop_offset": offset}, {})
+        pre = load_config("pretrain", overrides=over)
+        runs.append(pretrain_params(pre, ctx, f"key-{seed}"))
+    assert [r["seed"] for r in runs] == [0, 1, 1]
+    assert [r["crop_offset"] for r in runs] == [0, 0, 6]
+    assert runs[0]["l_label"] == 1.0 and runs[0]["temperature_id"] == 0.1
+    assert runs[0]["patch_size"] == "32x32x32" and runs[0]["data_fingerprint"] == "f" * 16

@@ -184,6 +184,7 @@ def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifac
     assert weights.startswith(f"{storage}/pretrain_cache/") and weights.endswith(".pt")
     assert locations.is_file(weights)
     assert "train/loss_label" in pretrains[0].data.metrics
+    assert {"seed", "crop_offset", "l_label", "epochs"} <= set(pretrains[0].data.params)
     assert {t.info.status for t in trials} == {"FINISHED"}
     for t in [*trials, *pretrains, parent]:
         recorded = json.dumps([t.data.params, t.data.tags, t.data.metrics])
