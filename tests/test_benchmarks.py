@@ -67,3 +67,72 @@ def test_ctrl_c_lets_a_benchmark_sweep_save_its_state(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert saved.read_text() == "saved"  # not killed before it saved
     assert proc.returncode == 1 and "interrupted; continue with --resume" in err
+
+
+def test_linear_probe_separates_what_the_features_separate(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import torch
+    from linear_probe import fit_probe, mean_dice
+
+    torch.manual_seed(0)
+    labels = (torch.rand(4000) < 0.1).long()
+    noise = torch.randn(4000, 3)
+    informative = torch.cat([noise, labels[:, None] * 4.0 + 0.1 * torch.randn(4000, 1)], 1)
+    assert mean_dice(fit_probe(informative, labels, 2)(informative), labels, 2) > 0.95
+    # features that hold nothing about the organ give a probe no better than guessing
+    assert mean_dice(fit_probe(noise, labels, 2)(noise), labels, 2) < 0.35
+    # an organ absent from prediction and truth counts as found; one missed counts 0
+    empty = torch.zeros(10, dtype=torch.long)
+    assert mean_dice(empty, empty, 2) == 1.0
+    assert mean_dice(empty, torch.ones(10, dtype=torch.long), 2) == 0.0
+
+
+def test_linear_probe_benchmark_smoke(prepared_benchmark, tmp_path):
+    # a real pretrained.pt (random weights, written as pre-training writes it) against two
+    # random networks, on the test benchmark's cases
+    import json
+
+    import torch
+
+    from data_prep.reader import read_splits
+    from mixcl_ray.feed import target_source
+    from mixcl_ray.models import MixCLModel, save_pretrained
+    from mixcl_ray.train_config import load_config, to_dict
+
+    model = load_config("pretrain").model
+    torch.manual_seed(5)
+    weights = tmp_path / "pretrained.pt"
+    save_pretrained(MixCLModel(model), weights, to_dict(model))
+    source = target_source(prepared_benchmark)
+    fractions = read_splits(prepared_benchmark)["sources"][source]["label_fractions"]
+    smallest = min(fractions, key=float)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/linear_probe.py"),
+            "--data",
+            str(prepared_benchmark),
+            "--pretrained",
+            f"mine={weights}",
+            "--fractions",
+            smallest,
+            "--random-seeds",
+            "0",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[2:]] == [
+        "| random init, seed 0",
+        "| random init, seed 1",
+        "| mine",
+        "| random init, mean",
+    ], proc.stdout
+    summary = json.loads(proc.stdout.split("SUMMARY ", 1)[1])
+    assert set(summary["networks"]) == {"random init, seed 0", "random init, seed 1", "mine"}
+    assert all(0 <= d <= 1 for r in summary["networks"].values() for d in r.values())
