@@ -99,7 +99,7 @@ def replicate(src: Path, copies: int, out: Path) -> Path:
     return out
 
 
-def _config(size: int, batch: int, workers: int = 1) -> dict:
+def _config(size: int, batch: int, workers: int = 1, object_store_mb: int = 0) -> dict:
     """The pre-training config of one epoch; ``batch`` patches a step, split over ``workers``."""
     from mixcl_ray.train_config import load_config, to_dict
 
@@ -114,6 +114,7 @@ def _config(size: int, batch: int, workers: int = 1) -> dict:
                     "patch_size": [size] * 3,
                     "patches_per_case": 1,
                     "batch_size": batch // workers,
+                    "object_store_mb": object_store_mb,
                 },
                 "scaling": {"workers": workers},
             },
@@ -121,7 +122,7 @@ def _config(size: int, batch: int, workers: int = 1) -> dict:
     )
 
 
-def run_ours(data: Path, size: int, batch: int) -> dict:
+def run_ours(data: Path, size: int, batch: int, object_store_mb: int = 0) -> dict:
     """One epoch of our Ray Train pre-training (2 workers, Ray Data feed, ``batch`` patches a
     step: the same steps as the MONAI loop's)."""
     import ray
@@ -130,7 +131,7 @@ def run_ours(data: Path, size: int, batch: int) -> dict:
     from mixcl_ray.pretrain import init_ray, run_pretraining
     from mixcl_ray.train_config import PretrainConfig, from_dict
 
-    config = from_dict(PretrainConfig, _config(size, batch, WORKERS))
+    config = from_dict(PretrainConfig, _config(size, batch, WORKERS, object_store_mb))
     with TreeMemory() as memory, tempfile.TemporaryDirectory() as storage:
         start = time.perf_counter()
         init_ray(num_cpus=2)  # with the dashboard: Train wants it
@@ -175,7 +176,7 @@ class LoadCase(Transform):
         return {"image": case["image"], "label": case["label"], "annotated": case["annotated"]}
 
 
-def run_monai(data: Path, size: int, batch: int) -> dict:
+def run_monai(data: Path, size: int, batch: int, object_store_mb: int = 0) -> dict:
     """One epoch of the same model, loss and optimiser in a plain loop fed by CacheDataset +
     RandCropByPosNegLabeld + our two views in 2 DataLoader workers."""
     import torch
@@ -237,6 +238,7 @@ def _breakdown(result: dict, top: int = 8) -> str:
 def _spawn(which: str, data: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--data", str(data)]
     cmd += ["--size", str(args.size), "--batch", str(args.batch)]
+    cmd += ["--object-store-mb", str(args.object_store_mb)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -259,12 +261,18 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--batch", type=int, default=4, help="patches a step (ours: split over the 2 Train workers)"
     )
+    parser.add_argument(
+        "--object-store-mb",
+        type=int,
+        default=0,
+        help="ours: the feed's object-store budget (patches.object_store_mb; 0: Ray Data's own)",
+    )
     parser.add_argument("--skip-monai", action="store_true", help="measure ours only")
     parser.add_argument("--child", choices=["ours", "monai"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         run = {"ours": run_ours, "monai": run_monai}[args.child]
-        print("RESULT " + json.dumps(run(args.data, args.size, args.batch)))
+        print("RESULT " + json.dumps(run(args.data, args.size, args.batch, args.object_store_mb)))
         return 0
 
     if args.batch % WORKERS:
@@ -275,9 +283,12 @@ def main(argv=None) -> int:
     work = (args.work or DEFAULT_CACHE / "memory-scaling").absolute()
     cases, nbytes = pretraining_bytes(data)
     base = max(1, math.ceil(args.target_gb * 1e9 / max(args.scales) / nbytes))
+    budget = f"{args.object_store_mb} MiB" if args.object_store_mb else "Ray Data's default"
     print(
         f"{common.machine()}; one pre-training epoch, {args.size}^3 patches, 1 per case, "
-        f"{args.batch} a step (ours: {args.batch // WORKERS} on each of {WORKERS} Train workers); 1x = {base} copies of the {cases} pre-training cases of {data}"
+        f"{args.batch} a step (ours: {args.batch // WORKERS} on each of {WORKERS} Train "
+        f"workers, feed object-store budget {budget}); 1x = {base} copies of the {cases} "
+        f"pre-training cases of {data}"
     )
     print(
         "| scale | cases | decoded GB | ours peak PSS GiB | ours feed | ours s | MONAI peak PSS "

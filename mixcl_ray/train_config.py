@@ -42,6 +42,10 @@ class PatchConfig:
     # per epoch and worker; false lets the first finished data task's patches go first
     deterministic: bool = True
     cpus_per_data_task: float = 0.5
+    # the feed's object-store budget in MiB (Ray Data's limit for the blocks it holds while it
+    # runs); 0: Ray Data's own, half the object store. A streamed corpus otherwise fills up to
+    # that half with blocks in flight, which shows as memory growing with the corpus
+    object_store_mb: int = 0
 
     def __post_init__(self):
         _check(
@@ -57,6 +61,10 @@ class PatchConfig:
             "pos/neg must be >= 0, not both 0",
         )
         _check(self.cpus_per_data_task > 0, "cpus_per_data_task must be > 0")
+        _check(
+            isinstance(self.object_store_mb, int) and self.object_store_mb >= 0,
+            f"object_store_mb must be a whole number of MiB >= 0, got {self.object_store_mb!r}",
+        )
         _check(self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         _check(
             isinstance(self.deterministic, bool),

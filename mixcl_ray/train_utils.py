@@ -165,15 +165,20 @@ def epoch_batches(shard, patches, seed: int, epoch: int, rank: int, device):
     )
 
 
-def data_config(deterministic: bool):
+def data_config(deterministic: bool, object_store_mb: int = 0):
     """Ray Train's ingest options: Train's defaults, with Ray Data's ``preserve_order`` when
     the feed must be deterministic (blocks handed over in order, and split between the
-    workers without locality hints or buffering)."""
+    workers without locality hints or buffering), and the feed's object-store budget when
+    ``object_store_mb`` is set (Ray Data takes the smaller of it and half the store)."""
     import ray.train
 
     options = ray.train.DataConfig.default_ingest_options()
     if deterministic:
         options.preserve_order = True
+    if object_store_mb:
+        options.resource_limits = options.resource_limits.copy(
+            object_store_memory=object_store_mb * 2**20
+        )
     return ray.train.DataConfig(execution_options=options)
 
 
@@ -208,7 +213,7 @@ def fit_stage(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
-        dataset_config=data_config(config.patches.deterministic),
+        dataset_config=data_config(config.patches.deterministic, config.patches.object_store_mb),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -35,7 +35,10 @@ QUICK = {"optim": {"epochs": 1}, "patches": {"patches_per_case": 1, "batch_size"
 
 @pytest.fixture(scope="module")
 def pretrained(ray_session, prepared_benchmark, tmp_path_factory):
-    config = load_config("pretrain", overrides=QUICK)
+    # with a small feed budget (patches.object_store_mb): the feed must still run to the end
+    config = load_config(
+        "pretrain", overrides={**QUICK, "patches": {**QUICK["patches"], "object_store_mb": 64}}
+    )
     return run_pretraining(
         prepared_benchmark, tmp_path_factory.mktemp("store"), config, name="two-workers"
     )
@@ -401,3 +404,16 @@ def test_dice_known_values(pred, true, expected):
     got = dice_per_class(p, t, 3)[0].tolist()
     assert np.allclose(got, expected, equal_nan=True)
     assert nan_mean([float("nan"), 0.5, 1.0]) == pytest.approx(0.75)
+
+
+def test_the_feed_budget_reaches_ray_data_and_is_checked():
+    from mixcl_ray.train_utils import data_config
+
+    # what Ray Train 2.60 hands the "train" dataset's execution (DataConfig.configure)
+    default = data_config(True)._resolve_execution_options("train")
+    budget = data_config(True, 64)._resolve_execution_options("train")
+    assert budget.resource_limits.object_store_memory == 64 * 2**20
+    assert budget.preserve_order
+    assert default.resource_limits.object_store_memory != 64 * 2**20
+    with pytest.raises(ValueError, match="object_store_mb"):
+        load_config("pretrain", overrides={"patches": {"object_store_mb": -1}})
