@@ -69,13 +69,12 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, seed: 
 
 
 def mean_dice(prediction: torch.Tensor, target: torch.Tensor, classes: int) -> float:
-    """Mean Dice over the organs (classes 1..); an organ absent from both counts as 1."""
-    scores = []
-    for c in range(1, classes):
-        p, t = prediction == c, target == c
-        total = int(p.sum() + t.sum())
-        scores.append(1.0 if total == 0 else 2.0 * int((p & t).sum()) / total)
-    return float(np.mean(scores))
+    """Mean Dice over the organs (classes 1..), as validation computes it (``dice_per_class``),
+    except that an organ absent from both counts as 1 rather than being skipped."""
+    from mixcl_ray.evaluate import dice_per_class
+
+    dice = dice_per_class(prediction.reshape(1, 1, -1), target.reshape(1, 1, -1), classes)
+    return float(dice.nan_to_num(1.0).mean())
 
 
 def probe_network(net, train: dict, val: list, classes: int, roi) -> dict:
