@@ -14,6 +14,8 @@ manifest and splits extended), written once into --work. Ours runs with the defa
 at most a quarter of it, and streamed (read and decoded every epoch) beyond that; the table says
 which. One 32^3 patch per case and 4 patches a step on both sides: the MONAI loop's batch of 4,
 two Train workers on CPU with 2 each (``--batch`` is the step's batch, split over the workers).
+``--train-workers 1`` trains in one Train worker, as the MONAI loop trains in one process: each
+Train worker is a process holding torch, the model and its activations.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from monai.transforms import Transform
 
 ROOT = Path(__file__).resolve().parents[1]
 SEP = "~"  # case id of copy r: "<id>~r"
-WORKERS = 2  # Train workers of ours
+WORKERS = 2  # Train workers of ours (default of --train-workers)
 
 
 def pretraining_bytes(data: Path) -> tuple[int, int]:
@@ -122,16 +124,18 @@ def _config(size: int, batch: int, workers: int = 1, object_store_mb: int = 0) -
     )
 
 
-def run_ours(data: Path, size: int, batch: int, object_store_mb: int = 0) -> dict:
-    """One epoch of our Ray Train pre-training (2 workers, Ray Data feed, ``batch`` patches a
-    step: the same steps as the MONAI loop's)."""
+def run_ours(
+    data: Path, size: int, batch: int, object_store_mb: int = 0, workers: int = WORKERS
+) -> dict:
+    """One epoch of our Ray Train pre-training (``workers`` Train workers, Ray Data feed,
+    ``batch`` patches a step: the same steps as the MONAI loop's)."""
     import ray
 
     from mixcl_ray.feed import pretraining_cases, should_cache
     from mixcl_ray.pretrain import init_ray, run_pretraining
     from mixcl_ray.train_config import PretrainConfig, from_dict
 
-    config = from_dict(PretrainConfig, _config(size, batch, WORKERS, object_store_mb))
+    config = from_dict(PretrainConfig, _config(size, batch, workers, object_store_mb))
     with TreeMemory() as memory, tempfile.TemporaryDirectory() as storage:
         start = time.perf_counter()
         init_ray(num_cpus=2)  # with the dashboard: Train wants it
@@ -239,6 +243,7 @@ def _spawn(which: str, data: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", which, "--data", str(data)]
     cmd += ["--size", str(args.size), "--batch", str(args.batch)]
     cmd += ["--object-store-mb", str(args.object_store_mb)]
+    cmd += ["--train-workers", str(args.train_workers)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -259,7 +264,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument(
-        "--batch", type=int, default=4, help="patches a step (ours: split over the 2 Train workers)"
+        "--batch", type=int, default=4, help="patches a step (ours: split over the Train workers)"
+    )
+    parser.add_argument(
+        "--train-workers", type=int, default=WORKERS, help="ours: Ray Train workers (CPU)"
     )
     parser.add_argument(
         "--object-store-mb",
@@ -271,12 +279,18 @@ def main(argv=None) -> int:
     parser.add_argument("--child", choices=["ours", "monai"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        run = {"ours": run_ours, "monai": run_monai}[args.child]
-        print("RESULT " + json.dumps(run(args.data, args.size, args.batch, args.object_store_mb)))
+        if args.child == "ours":
+            result = run_ours(
+                args.data, args.size, args.batch, args.object_store_mb, args.train_workers
+            )
+        else:
+            result = run_monai(args.data, args.size, args.batch, args.object_store_mb)
+        print("RESULT " + json.dumps(result))
         return 0
 
-    if args.batch % WORKERS:
-        parser.error(f"--batch must split over the {WORKERS} Train workers")
+    workers = args.train_workers
+    if workers < 1 or args.batch % workers:
+        parser.error(f"--batch must split over the {workers} Train workers")
     from data_prep.cli import DEFAULT_CACHE
 
     data = common.ensure_data(args.data).absolute()
@@ -286,7 +300,7 @@ def main(argv=None) -> int:
     budget = f"{args.object_store_mb} MiB" if args.object_store_mb else "Ray Data's default"
     print(
         f"{common.machine()}; one pre-training epoch, {args.size}^3 patches, 1 per case, "
-        f"{args.batch} a step (ours: {args.batch // WORKERS} on each of {WORKERS} Train "
+        f"{args.batch} a step (ours: {args.batch // workers} on each of {workers} Train "
         f"workers, feed object-store budget {budget}); 1x = {base} copies of the {cases} "
         f"pre-training cases of {data}"
     )
