@@ -65,8 +65,8 @@ def ours(data: Path, over: dict, smoke: bool, shuffle_buffer: int | None) -> dic
 
 def plain_monai(data: Path, over: dict, smoke: bool) -> dict:
     import torch
-    from feed_vs_monai import monai_items, monai_transform
     from monai.data import CacheDataset, DataLoader
+    from monai_pipeline import monai_items, monai_transform
 
     from mixcl_ray.losses import MixCLLoss, view_outputs
     from mixcl_ray.models import MixCLModel

@@ -34,8 +34,9 @@ import uuid
 from pathlib import Path
 
 import common
-from feed_vs_monai import TreeMemory, monai_transform
+from feed_vs_monai import TreeMemory
 from monai.transforms import Transform
+from monai_pipeline import monai_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 SEP = "~"  # case id of copy r: "<id>~r"
