@@ -10,22 +10,119 @@ about 5 minutes each, so about 5 hours on two CPU cores; ``--resume`` continues 
 one), then reads the finished trials from MLflow, prints both tables and saves the plot.
 
     python benchmarks/label_efficiency.py [--storage runs/label-efficiency] [--resume]
+    python benchmarks/label_efficiency.py --seeds 0 [--resume]     # one seed: 15 cells, ~1h40
     python benchmarks/label_efficiency.py --report-only [--experiment NAME] [--tracking-uri URI]
 
-The baseline, scratch, is measured in the same study; every figure is from this run.
+The study spans sessions and machines: ``--seeds`` runs part of the seed grid as its own sweep,
+and every finished cell (method, label fraction, seed: validation and test Dice, the commit)
+is recorded in ``--results`` (default ``benchmarks/results/label_efficiency.json``, kept in the
+repository). The tables are drawn from that file merged with the latest sweep, so the seeds
+run on different days add up; a file recorded with other study settings is refused, not
+mixed. The baseline, scratch, is measured in the same study.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import common
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_GAIN = 0.05  # Dice points (0.05 = 5 points) over scratch at the smallest label fraction
 SINGLE_TERMS = ("identity", "label", "reconstruction")
+RESULTS = ROOT / "benchmarks" / "results" / "label_efficiency.json"
+
+
+def space_file(space: str) -> Path:
+    from mixcl_ray.spaces import SPACES_DIR
+
+    return Path(space) if Path(space).exists() else SPACES_DIR / f"{space}.yaml"
+
+
+def settings_key(space: Path, data: str | None) -> str:
+    """What makes two studies' cells comparable: the space without its seed grid and its
+    description, and the data; a short hash of it."""
+    spec = yaml.safe_load(space.read_text())
+    spec.pop("description", None)
+    spec.get("space", {}).pop("seed", None)
+    spec["data"] = data or spec.get("data")
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def seed_space(space: Path, seeds: list[int], out_dir: Path) -> Path:
+    """A copy of the study space whose seed grid is ``seeds``: a sweep of its own, resumable
+    on its own (the sweep's name is the file's name)."""
+    spec = yaml.safe_load(space.read_text())
+    spec["space"]["seed"] = {"grid": seeds}
+    out = out_dir / f"{space.stem}-seeds-{'-'.join(str(s) for s in seeds)}.yaml"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
+    os.replace(tmp, out)
+    return out
+
+
+def load_results(path: Path, experiment: str, key: str) -> list[dict]:
+    """The cells recorded for ``experiment`` with these settings; [] when there are none. A file
+    recorded with other settings is an error that says so (its cells are not comparable)."""
+    if not path.exists():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+        cells, saved_key = saved["cells"], saved["settings"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: not a label-efficiency results file ({err})") from None
+    if saved.get("experiment") != experiment:
+        return []
+    if saved_key != key:
+        raise SystemExit(
+            f"{path}: its {len(cells)} cells were recorded with other study settings "
+            f"({saved_key}, now {key}); move it away to start a new table, or give --results"
+        )
+    return cells
+
+
+def merge_cells(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with ``new`` added; a cell run again (same method, label fraction and seed)
+    replaces the recorded one. Sorted by seed, method, label fraction."""
+    cells = {(c["method"], float(c["label_fraction"]), str(c["seed"])): c for c in old + new}
+    return sorted(cells.values(), key=lambda c: (str(c["seed"]), c["method"], c["label_fraction"]))
+
+
+def record(path: Path, experiment: str, key: str, rows: list[dict]) -> list[dict]:
+    """Merge the sweep's finished cells into the results file (written atomically); returns
+    every recorded cell."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    new = [
+        {
+            "method": r["method"],
+            "label_fraction": r["label_fraction"],
+            "seed": str(r["seed"]),
+            "val": r["val"],
+            "test": r["test"],
+            "run_id": r["run_id"],
+            "commit": commit or None,
+        }
+        for r in rows
+    ]
+    if path.exists() and json.loads(path.read_text()).get("experiment") != experiment:
+        raise SystemExit(f"{path} holds another experiment's cells; give --results")
+    cells = merge_cells(load_results(path, experiment, key), new)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    payload = {"experiment": experiment, "settings": key, "cells": cells}
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+    return cells
 
 
 def target_check(summary: dict, gain: float = TARGET_GAIN) -> list[str]:
@@ -60,13 +157,41 @@ def target_check(summary: dict, gain: float = TARGET_GAIN) -> list[str]:
     return lines
 
 
-def report(tracking_uri: str, experiment: str, out_dir: Path) -> None:
-    from mixcl_ray.plots import label_efficiency_png
-    from mixcl_ray.report import collect, render_table, summarise
+def missing_cells(space: Path, cells: list[dict]) -> dict[str, int]:
+    """Seed -> how many of the space's method x label-fraction cells of that seed are not
+    recorded (seeds with every cell recorded left out)."""
+    grid = yaml.safe_load(space.read_text())["space"]
 
-    rows, _ = collect(tracking_uri, experiment)
-    if not rows:
-        raise SystemExit(f"no finished trial in the latest sweep of {experiment!r}")
+    def values(name):
+        value = grid[name]
+        return value["grid"] if isinstance(value, dict) else [value]
+
+    done = {(c["method"], float(c["label_fraction"]), str(c["seed"])) for c in cells}
+    out = {}
+    for seed in values("seed"):
+        n = sum(
+            (m, float(f), str(seed)) not in done
+            for m in values("method")
+            for f in values("label_fraction")
+        )
+        if n:
+            out[str(seed)] = n
+    return out
+
+
+def latest_rows(tracking_uri: str, experiment: str) -> list[dict]:
+    from mixcl_ray.report import collect
+
+    try:
+        return collect(tracking_uri, experiment)[0]
+    except ValueError:  # no such experiment or no sweep yet
+        return []
+
+
+def report(rows: list[dict], out_dir: Path) -> None:
+    from mixcl_ray.plots import label_efficiency_png
+    from mixcl_ray.report import render_table, summarise
+
     out_dir.mkdir(parents=True, exist_ok=True)
     for key, name in (("val", "validation"), ("test", "test")):
         summary = summarise(rows, key)
@@ -90,6 +215,15 @@ def main() -> None:
     parser.add_argument("--data", help="prepared folder (default: the built-in benchmark)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
     parser.add_argument(
+        "--seeds", type=int, nargs="+", help="run only these seeds of the space's seed grid"
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="file of every finished cell, merged across runs (default: %(default)s)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="no study: report the latest one in MLflow"
     )
     parser.add_argument("--experiment", default="mixcl_ray-label-efficiency")
@@ -99,14 +233,43 @@ def main() -> None:
 
     uri = args.tracking_uri or tracking.default_tracking_uri(args.storage)
     print(common.machine())
+    space = space_file(args.space)
+    key = settings_key(space, args.data)
+    cells = load_results(args.results, args.experiment, key)  # refuses other settings up front
     if not args.report_only:
-        command = [sys.executable, "-m", "mixcl_ray.tune", "--space", args.space]
+        if args.seeds:
+            space = seed_space(space, args.seeds, args.storage)
+        command = [sys.executable, "-m", "mixcl_ray.tune", "--space", str(space)]
         command += ["--storage", str(args.storage), "--tracking-uri", uri]
         command += ["--data", args.data] if args.data else []
         command += ["--resume"] if args.resume else []
-        hint = f"continue with: python benchmarks/label_efficiency.py --storage {args.storage} --resume"
-        common.run_sweep(command, hint, cwd=ROOT)
-    report(uri, args.experiment, args.storage / "label-efficiency-report")
+        seeds = f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else ""
+        hint = (
+            f"continue with: python benchmarks/label_efficiency.py --storage {args.storage}"
+            f"{seeds} --resume"
+        )
+        try:
+            common.run_sweep(command, hint, cwd=ROOT)
+        finally:  # an interrupted or failed study keeps the cells it finished
+            rows = latest_rows(uri, args.experiment)
+            if rows:
+                cells = record(args.results, args.experiment, key, rows)
+                print(
+                    f"{len(rows)} finished cells recorded in {args.results} ({len(cells)} in all)"
+                )
+    else:
+        cells = merge_cells(cells, latest_rows(uri, args.experiment))
+    if not cells:
+        raise SystemExit(f"no finished trial of {args.experiment!r} in MLflow or {args.results}")
+    report(cells, args.storage / "label-efficiency-report")
+    full = space_file(args.space)
+    missing = missing_cells(full, cells)
+    if missing and yaml.safe_load(full.read_text()).get("experiment") == args.experiment:
+        seeds = " ".join(missing)
+        print(
+            f"\nnot yet run: {', '.join(f'seed {s} ({n} cells)' for s, n in missing.items())}; "
+            f"run them with: python benchmarks/label_efficiency.py --seeds {seeds}"
+        )
 
 
 if __name__ == "__main__":

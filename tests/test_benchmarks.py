@@ -136,3 +136,56 @@ def test_linear_probe_benchmark_smoke(prepared_benchmark, tmp_path):
     summary = json.loads(proc.stdout.split("SUMMARY ", 1)[1])
     assert set(summary["networks"]) == {"random init, seed 0", "random init, seed 1", "mine"}
     assert all(0 <= d <= 1 for r in summary["networks"].values() for d in r.values())
+
+
+def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch):
+    """The study split by seed: each part is a valid space of its own, its finished cells are
+    recorded in one file that a later run (another day, another machine) adds to, and a file
+    recorded with other study settings is refused rather than mixed in."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import json
+
+    import pytest
+    import yaml
+    from label_efficiency import (
+        load_results,
+        missing_cells,
+        record,
+        seed_space,
+        settings_key,
+        space_file,
+    )
+
+    from mixcl_ray.spaces import load_space
+
+    full = space_file("label_efficiency")
+    part = seed_space(full, [1], tmp_path / "storage")
+    spec = load_space(part)
+    assert spec.name == "label_efficiency-seeds-1" and spec.space["seed"] == {"grid": [1]}
+    assert spec.space["method"] == load_space(full).space["method"]
+    key = settings_key(full, None)
+    assert settings_key(part, None) == key  # the seeds are not part of the settings
+    assert settings_key(full, "/data/spleen") != key
+
+    results = tmp_path / "results.json"
+    row = {"method": "mixcl", "label_fraction": 0.05, "val": 0.3, "test": 0.2, "run_id": "a"}
+    record(results, "exp", key, [{**row, "seed": "0"}, {**row, "seed": 1, "method": "scratch"}])
+    # seed 0's MixCL at 5 % run again, seed 2 added: one replaced, one added
+    cells = record(results, "exp", key, [{**row, "seed": 0, "test": 0.25}, {**row, "seed": "2"}])
+    assert [(c["seed"], c["method"], c["test"]) for c in cells] == [
+        ("0", "mixcl", 0.25),
+        ("1", "scratch", 0.2),
+        ("2", "mixcl", 0.2),
+    ]
+    assert load_results(results, "exp", key) == cells
+    assert missing_cells(full, cells) == {"0": 14, "1": 14, "2": 14}
+    assert load_results(results, "other experiment", key) == []  # not this study's table
+    with pytest.raises(SystemExit, match="another experiment"):
+        record(results, "other experiment", key, [{**row, "seed": "0"}])
+
+    changed = yaml.safe_load(full.read_text())
+    changed["finetune"]["optim"]["epochs"] = 2
+    (tmp_path / "shorter.yaml").write_text(yaml.safe_dump(changed))
+    with pytest.raises(SystemExit, match="3 cells were recorded with other study settings"):
+        load_results(results, "exp", settings_key(tmp_path / "shorter.yaml", None))
+    assert json.loads(results.read_text())["cells"] == cells  # nothing lost
