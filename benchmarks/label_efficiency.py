@@ -96,12 +96,24 @@ def merge_cells(old: list[dict], new: list[dict]) -> list[dict]:
     return sorted(cells.values(), key=lambda c: (str(c["seed"]), c["method"], c["label_fraction"]))
 
 
-def record(path: Path, experiment: str, key: str, rows: list[dict]) -> list[dict]:
-    """Merge the sweep's finished cells into the results file (written atomically); returns
-    every recorded cell."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
+def code_version() -> str | None:
+    """The checkout's commit, with ``+changes`` when tracked files differ from it; None
+    outside a git checkout."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout
+
+    commit = git("rev-parse", "--short", "HEAD").strip()
+    if not commit:
+        return None
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def record(
+    path: Path, experiment: str, key: str, rows: list[dict], commit: str | None = None
+) -> list[dict]:
+    """Merge the sweep's finished cells into the results file (written atomically), each
+    with ``commit``, the code it ran (taken when the study started); returns every cell."""
     new = [
         {
             "method": r["method"],
@@ -110,7 +122,7 @@ def record(path: Path, experiment: str, key: str, rows: list[dict]) -> list[dict
             "val": r["val"],
             "test": r["test"],
             "run_id": r["run_id"],
-            "commit": commit or None,
+            "commit": commit,
         }
         for r in rows
     ]
@@ -237,6 +249,7 @@ def main() -> None:
     key = settings_key(space, args.data)
     cells = load_results(args.results, args.experiment, key)  # refuses other settings up front
     if not args.report_only:
+        commit = code_version()
         if args.seeds:
             space = seed_space(space, args.seeds, args.storage)
         command = [sys.executable, "-m", "mixcl_ray.tune", "--space", str(space)]
@@ -253,7 +266,7 @@ def main() -> None:
         finally:  # an interrupted or failed study keeps the cells it finished
             rows = latest_rows(uri, args.experiment)
             if rows:
-                cells = record(args.results, args.experiment, key, rows)
+                cells = record(args.results, args.experiment, key, rows, commit)
                 print(
                     f"{len(rows)} finished cells recorded in {args.results} ({len(cells)} in all)"
                 )

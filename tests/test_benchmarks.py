@@ -148,6 +148,7 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch):
     import pytest
     import yaml
     from label_efficiency import (
+        code_version,
         load_results,
         missing_cells,
         record,
@@ -171,7 +172,12 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch):
     row = {"method": "mixcl", "label_fraction": 0.05, "val": 0.3, "test": 0.2, "run_id": "a"}
     record(results, "exp", key, [{**row, "seed": "0"}, {**row, "seed": 1, "method": "scratch"}])
     # seed 0's MixCL at 5 % run again, seed 2 added: one replaced, one added
-    cells = record(results, "exp", key, [{**row, "seed": 0, "test": 0.25}, {**row, "seed": "2"}])
+    cells = record(
+        results, "exp", key, [{**row, "seed": 0, "test": 0.25}, {**row, "seed": "2"}], "abc1234"
+    )
+    assert [c["commit"] for c in cells] == ["abc1234", None, "abc1234"]
+    if (ROOT / ".git").exists():
+        assert code_version()[:7].isalnum()
     assert [(c["seed"], c["method"], c["test"]) for c in cells] == [
         ("0", "mixcl", 0.25),
         ("1", "scratch", 0.2),
