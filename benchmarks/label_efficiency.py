@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import common
@@ -191,13 +192,22 @@ def missing_cells(space: Path, cells: list[dict]) -> dict[str, int]:
     return out
 
 
-def latest_rows(tracking_uri: str, experiment: str) -> list[dict]:
+def latest_rows(tracking_uri: str, experiment: str, since: float | None = None) -> list[dict]:
+    """The finished cells of the experiment's latest sweep; [] when there is none, or when it
+    started before ``since`` (seconds since the epoch: a study that failed before its sweep
+    began has no cells of its own)."""
+    from mixcl_ray import tracking
     from mixcl_ray.report import collect
 
     try:
-        return collect(tracking_uri, experiment)[0]
+        rows, parent_id = collect(tracking_uri, experiment)
     except ValueError:  # no such experiment or no sweep yet
         return []
+    if since is not None:
+        started = tracking._client(tracking_uri).get_run(parent_id).info.start_time
+        if started < since * 1000:
+            return []
+    return rows
 
 
 def report(rows: list[dict], out_dir: Path) -> None:
@@ -249,7 +259,7 @@ def main() -> None:
     key = settings_key(space, args.data)
     cells = load_results(args.results, args.experiment, key)  # refuses other settings up front
     if not args.report_only:
-        commit = code_version()
+        commit, began = code_version(), time.time()
         if args.seeds:
             space = seed_space(space, args.seeds, args.storage)
         command = [sys.executable, "-m", "mixcl_ray.tune", "--space", str(space)]
@@ -264,7 +274,8 @@ def main() -> None:
         try:
             common.run_sweep(command, hint, cwd=ROOT)
         finally:  # an interrupted or failed study keeps the cells it finished
-            rows = latest_rows(uri, args.experiment)
+            # a resumed sweep keeps its first start; a new one must have begun in this run
+            rows = latest_rows(uri, args.experiment, since=None if args.resume else began)
             if rows:
                 cells = record(args.results, args.experiment, key, rows, commit)
                 print(

@@ -195,3 +195,35 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="3 cells were recorded with other study settings"):
         load_results(results, "exp", settings_key(tmp_path / "shorter.yaml", None))
     assert json.loads(results.read_text())["cells"] == cells  # nothing lost
+
+
+def test_label_efficiency_records_only_a_sweep_of_its_own_run(tmp_path, monkeypatch):
+    """The cells recorded after a study are those of a sweep that began in that run: a study
+    that failed before its sweep started does not record an older sweep's cells again."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import time
+
+    from label_efficiency import latest_rows
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("study")
+    assert latest_rows(uri, "study") == []  # no sweep yet
+    sweep = client.create_run(exp, tags={"mixcl.stage": "sweep"})
+    trial = client.create_run(
+        exp, tags={"mixcl.stage": "trial", "mlflow.parentRunId": sweep.info.run_id}
+    )
+    for name, value in (("method", "mixcl"), ("label_fraction", "0.05"), ("seed", "1")):
+        client.log_param(trial.info.run_id, name, value)
+    client.log_metric(trial.info.run_id, "test/dice_mean", 0.4)
+    client.set_terminated(trial.info.run_id)
+    (row,) = latest_rows(uri, "study", since=time.time() - 600)
+    assert (row["method"], row["label_fraction"], row["seed"], row["test"]) == (
+        "mixcl",
+        0.05,
+        "1",
+        0.4,
+    )
+    assert latest_rows(uri, "study", since=time.time() + 1) == []  # began before this run
+    assert latest_rows(uri, "missing experiment") == []
