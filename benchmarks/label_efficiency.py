@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 import common
 import yaml
 
+from data_prep import locations
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_GAIN = 0.05  # Dice points (0.05 = 5 points) over scratch at the smallest label fraction
 SINGLE_TERMS = ("identity", "label", "reconstruction")
@@ -42,9 +43,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "label_efficiency.json"
 
 
 def space_file(space: str) -> Path:
-    from mixcl_ray.spaces import SPACES_DIR
+    from mixcl_ray.spaces import space_path
 
-    return Path(space) if Path(space).exists() else SPACES_DIR / f"{space}.yaml"
+    return space_path(space)
 
 
 def settings_key(space: Path, data: str | None) -> str:
@@ -63,10 +64,7 @@ def seed_space(space: Path, seeds: list[int], out_dir: Path) -> Path:
     spec = yaml.safe_load(space.read_text())
     spec["space"]["seed"] = {"grid": seeds}
     out = out_dir / f"{space.stem}-seeds-{'-'.join(str(s) for s in seeds)}.yaml"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
-    os.replace(tmp, out)
+    locations.write_text(out, yaml.safe_dump(spec, sort_keys=False))
     return out
 
 
@@ -130,11 +128,8 @@ def record(
     if path.exists() and json.loads(path.read_text()).get("experiment") != experiment:
         raise SystemExit(f"{path} holds another experiment's cells; give --results")
     cells = merge_cells(load_results(path, experiment, key), new)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     payload = {"experiment": experiment, "settings": key, "cells": cells}
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    locations.write_text(path, json.dumps(payload, indent=1) + "\n")
     return cells
 
 
@@ -173,7 +168,9 @@ def target_check(summary: dict, gain: float = TARGET_GAIN) -> list[str]:
 def missing_cells(space: Path, cells: list[dict]) -> dict[str, int]:
     """Seed -> how many of the space's method x label-fraction cells of that seed are not
     recorded (seeds with every cell recorded left out)."""
-    grid = yaml.safe_load(space.read_text())["space"]
+    from mixcl_ray.spaces import load_space
+
+    grid = load_space(space).space
 
     def values(name):
         value = grid[name]
@@ -252,6 +249,7 @@ def main() -> None:
     parser.add_argument("--tracking-uri", help="default: the SQLite store in --storage")
     args = parser.parse_args()
     from mixcl_ray import tracking
+    from mixcl_ray.spaces import load_space
 
     uri = args.tracking_uri or tracking.default_tracking_uri(args.storage)
     print(common.machine())
@@ -288,7 +286,7 @@ def main() -> None:
     report(cells, args.storage / "label-efficiency-report")
     full = space_file(args.space)
     missing = missing_cells(full, cells)
-    if missing and yaml.safe_load(full.read_text()).get("experiment") == args.experiment:
+    if missing and load_space(full).experiment == args.experiment:
         seeds = " ".join(missing)
         print(
             f"\nnot yet run: {', '.join(f'seed {s} ({n} cells)' for s, n in missing.items())}; "

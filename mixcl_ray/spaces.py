@@ -128,11 +128,17 @@ def _check_dimension(path: str, name: str, value) -> None:
             raise SpaceError(f"{path}: crop_offset: {v!r} is not a whole number of voxels >= 0")
 
 
-def load_space(path: str | os.PathLike) -> SweepSpec:
-    """Read and validate a space file; errors name the file and the key."""
+def space_path(path: str | os.PathLike) -> Path:
+    """A space file's path: ``path`` itself, or a name in ``tune_spaces/``."""
     path = Path(path)
     if not path.exists() and (SPACES_DIR / f"{path}.yaml").exists():
-        path = SPACES_DIR / f"{path}.yaml"
+        return SPACES_DIR / f"{path}.yaml"
+    return path
+
+
+def load_space(path: str | os.PathLike) -> SweepSpec:
+    """Read and validate a space file; errors name the file and the key."""
+    path = space_path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as err:
