@@ -163,7 +163,9 @@ class FinetuneConfig:
     preset: str = "cpu-tiny"
     label_fraction: float = 1.0
     source: str | None = None  # target source; None: the manifest's target_source
-    load_decoder: bool = True
+    # the encoder only by default: with the pre-trained decoder loaded as well, every pre-trained
+    # start fine-tuned worse on the built-in benchmark (README, Benchmarks: label efficiency)
+    load_decoder: bool = False
     # small label fractions repeat their cases up to this many patches an epoch; "full": up to
     # what all the source's labelled training cases make, the same number of steps at every
     # label fraction

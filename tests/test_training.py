@@ -125,10 +125,14 @@ def test_label_fraction_subset_equals_splits(ray_session, prepared_benchmark):
 
 def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path):
     """``python -m mixcl_ray.finetune --pretrained``: the encoder and decoder of the
-    pre-training come into the segmentation network, which then trains and validates."""
+    pre-training fit the segmentation network; the CLI loads the encoder only (the default,
+    ``load_decoder: false``), then trains and validates."""
     config = load_config("finetune")
+    assert config.load_decoder is False
     seg = SegmentationNet(config.model, 2)
-    report = load_pretrained(seg, pretrained.pretrained)
+    both = load_pretrained(seg, pretrained.pretrained)
+    assert len(both.loaded) == 80 and both.ok
+    report = load_pretrained(SegmentationNet(config.model, 2), pretrained.pretrained, ("encoder",))
     source = MixCLModel(config.model)
     source.load_state_dict(load_checkpoint_state(pretrained.checkpoint)["model"])
     for part in ("encoder", "decoder"):
@@ -147,7 +151,7 @@ def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path
     out = proc.stdout
     assert f"pre-trained weights: {report.summary()}" in out and "missing" not in report.summary()
     m = json.loads(re.search(r"^\{$.*?^\}$", out, re.S | re.M).group(0))
-    assert m["pretrained/loaded_tensors"] == len(report.loaded) == 80
+    assert m["pretrained/loaded_tensors"] == len(report.loaded) == 40
     assert "val/dice/spleen" in m and m["val/dice_mean"] == pytest.approx(m["val/dice/spleen"])
     best_file = Path(re.search(r"best weights (\S+)$", out.strip()).group(1))
     assert "fine-tuning finetune-" in out and best_file.exists()
