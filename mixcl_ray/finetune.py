@@ -68,8 +68,7 @@ def finetune_loop(loop_config: dict) -> None:
     model = SegmentationNet(cfg.model, num_classes=len(names))
     load_report = None
     if loop_config.get("pretrained"):
-        parts = ("encoder", "decoder") if cfg.load_decoder else ("encoder",)
-        load_report = load_pretrained(model, loop_config["pretrained"], parts=parts)
+        load_report = load_pretrained(model, loop_config["pretrained"], parts=cfg.pretrained_parts)
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, loop_config["steps_per_epoch"])
@@ -232,9 +231,8 @@ def run_finetuning(
             pretrained = locations.join(pretrained, PRETRAINED_FILE)
         if not locations.is_file(pretrained):
             raise FileNotFoundError(f"pre-trained weights not found: {describe(pretrained)}")
-        parts = ("encoder", "decoder") if config.load_decoder else ("encoder",)
         summary = load_pretrained(
-            SegmentationNet(config.model, len(names)), pretrained, parts=parts
+            SegmentationNet(config.model, len(names)), pretrained, parts=config.pretrained_parts
         ).summary()
     config_dict = to_dict(config)
     manifest = read_manifest(data_dir)

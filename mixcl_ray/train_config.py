@@ -174,6 +174,11 @@ class FinetuneConfig:
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
 
+    @property
+    def pretrained_parts(self) -> tuple[str, ...]:
+        """The backbone parts fine-tuning loads from pre-trained weights."""
+        return ("encoder", "decoder") if self.load_decoder else ("encoder",)
+
     def __post_init__(self):
         _check(
             0 < self.label_fraction <= 1,
