@@ -321,7 +321,10 @@ def run_trial(config: dict, sweep: dict) -> None:
             )
         result = run_finetuning(
             ctx["data"],
-            locations.join(ctx["storage"], "finetune"),
+            # one folder per sweep: a new sweep trains its cells anew (a --resume keeps the
+            # sweep's name, so its trials resume from their checkpoints); only pre-trainings
+            # are shared between sweeps, through the cache
+            locations.join(ctx["storage"], "finetune", ctx["sweep"]),
             ft_cfg,
             pretrained=pretrained,
             name=f"finetune-{key}",

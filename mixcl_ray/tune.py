@@ -151,6 +151,7 @@ def run_sweep(
         "uri": uri,
         "experiment_id": experiment_id,
         "parent_id": parent_id,
+        "sweep": state["name"],
         "preset": spec.preset,
         "fingerprint": manifest["input_fingerprint"],
         "pretrain": spec.pretrain,

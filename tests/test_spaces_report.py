@@ -1,6 +1,7 @@
 """Search-space validation and the report on a real local MLflow store with known runs."""
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,43 @@ def test_pretraining_runs_carry_what_tells_two_pretrainings_apart():
     assert [r["crop_offset"] for r in runs] == [0, 0, 6]
     assert runs[0]["l_label"] == 1.0 and runs[0]["temperature_id"] == 0.1
     assert runs[0]["patch_size"] == "32x32x32" and runs[0]["data_fingerprint"] == "f" * 16
+
+
+@pytest.mark.slow
+def test_a_new_sweep_of_a_space_trains_its_trials_anew(ray_session, prepared_benchmark, tmp_path):
+    """Two sweeps of one space in one storage, the second without ``--resume``: its trial is
+    trained again from its first epoch, in a fine-tuning folder of its own sweep. (The folder
+    was named by the trial key alone, so the second sweep's fine-tuning found the first one's
+    finished run, trained nothing and reported nothing, and Tune stopped the whole sweep.)
+    Only the pre-training cache is shared between sweeps."""
+    from mlflow import MlflowClient
+
+    from mixcl_ray.tune import run_sweep
+
+    space = tmp_path / "twice.yaml"
+    space.write_text(
+        "preset: cpu-tiny\nexperiment: twice\nmetric: val/dice_mean\nmode: max\n"
+        "scheduler: {type: none}\n"
+        "resources: {workers: 1, gpus_per_worker: 0, max_concurrent_trials: 1}\n"
+        "finetune: {optim: {epochs: 1}, min_patches_per_epoch: 8, patches: {patches_per_case: 4}}\n"
+        "space: {method: scratch, label_fraction: 1.0, seed: 0}\n"
+    )
+    storage = tmp_path / "runs"
+    sweeps = []
+    for _ in range(2):
+        results, _, _, uri = run_sweep(space, data=prepared_benchmark, storage=storage)
+        assert not results.errors
+        (result,) = results
+        assert result.metrics["epoch"] == 0 and "val/dice_mean" in result.metrics
+        sweeps.append(result)
+        time.sleep(1.1)  # a sweep is named by the second it starts
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("twice")
+    trials = client.search_runs([exp.experiment_id], "tags.`mixcl.stage` = 'trial'")
+    assert len(trials) == 2 and {t.info.status for t in trials} == {"FINISHED"}
+    assert len({t.data.tags["mixcl.trial_key"] for t in trials}) == 1  # the same cell twice
+    for t in trials:  # each trained its epoch, test score included
+        history = client.get_metric_history(t.info.run_id, "val/dice_mean")
+        assert [m.step for m in history] == [0] and "test/dice_mean" in t.data.metrics
+    folders = sorted(p.relative_to(storage / "finetune") for p in storage.glob("finetune/*/*"))
+    assert len(folders) == 2 and folders[0].name == folders[1].name != folders[0].parent.name
