@@ -279,10 +279,10 @@ class EpochMetricsCallback(_train_callback_base()):
         self.uri, self.run_id = uri, run_id
 
     def after_report(self, run_context, metrics, checkpoint):
-        m = metrics[0]
-        log_metrics(
-            self.uri,
-            self.run_id,
-            {k: v for k, v in m.items() if k not in ("epoch", "step")},
-            step=int(m.get("epoch", 0)),
-        )
+        log_epoch(self.uri, self.run_id, metrics[0])
+
+
+def log_epoch(uri: str, run_id: str, metrics: dict) -> None:
+    """One epoch's reported metrics, logged at the epoch as their step."""
+    logged = {k: v for k, v in metrics.items() if k not in ("epoch", "step")}
+    log_metrics(uri, run_id, logged, step=int(metrics.get("epoch", 0)))

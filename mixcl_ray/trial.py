@@ -272,6 +272,7 @@ def run_trial(config: dict, sweep: dict) -> None:
     from mixcl_ray.finetune import run_finetuning
     from mixcl_ray.pretrain import init_ray
     from mixcl_ray.train_config import load_config, to_dict
+    from mixcl_ray.train_utils import resume_epoch
 
     init_ray()
     ctx = sweep
@@ -319,17 +320,28 @@ def run_trial(config: dict, sweep: dict) -> None:
                 run_id,
                 {"pretrain_reused": reused, "pretrained_weights": describe(pretrained)},
             )
+        # one folder per sweep: a new sweep trains its cells anew (a --resume keeps the
+        # sweep's name, so its trials resume from their checkpoints); only pre-trainings are
+        # shared between sweeps, through the cache
+        ft_storage = locations.join(ctx["storage"], "finetune", ctx["sweep"])
+        trained = resume_epoch(locations.join(ft_storage, f"finetune-{key}"))
         result = run_finetuning(
             ctx["data"],
-            # one folder per sweep: a new sweep trains its cells anew (a --resume keeps the
-            # sweep's name, so its trials resume from their checkpoints); only pre-trainings
-            # are shared between sweeps, through the cache
-            locations.join(ctx["storage"], "finetune", ctx["sweep"]),
+            ft_storage,
             ft_cfg,
             pretrained=pretrained,
             name=f"finetune-{key}",
             callbacks=[tracking.EpochMetricsCallback(uri, run_id), TuneReportCallback()],
         )
+        if trained >= ft_cfg.optim.epochs and result.history:
+            # its last epoch was checkpointed before the trial was lost (in its test scoring):
+            # nothing was left to train, so no epoch reached MLflow or Tune; they come from
+            # the checkpoint's history (Tune stops a sweep whose trial reports nothing)
+            from ray import tune
+
+            for epoch in result.history:
+                tracking.log_epoch(uri, run_id, epoch)
+            tune.report(dict(result.history[-1]))
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             metrics, pngs = test_scores(ctx["data"], ft_cfg, result.best_model, tmp)

@@ -1,6 +1,8 @@
 """Search-space validation and the report on a real local MLflow store with known runs."""
 
+import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -344,7 +346,11 @@ def test_a_new_sweep_of_a_space_trains_its_trials_anew(ray_session, prepared_ben
     trained again from its first epoch, in a fine-tuning folder of its own sweep. (The folder
     was named by the trial key alone, so the second sweep's fine-tuning found the first one's
     finished run, trained nothing and reported nothing, and Tune stopped the whole sweep.)
-    Only the pre-training cache is shared between sweeps."""
+    Only the pre-training cache is shared between sweeps.
+
+    Then the second sweep as if its driver had been lost while the trial scored the test split
+    (its run still RUNNING, nothing of it in Tune's state): ``--resume`` finds the fine-tuning
+    finished, so its epochs come from the checkpoint into the new run and to Tune."""
     from mlflow import MlflowClient
 
     from mixcl_ray.tune import run_sweep
@@ -376,3 +382,21 @@ def test_a_new_sweep_of_a_space_trains_its_trials_anew(ray_session, prepared_ben
         assert [m.step for m in history] == [0] and "test/dice_mean" in t.data.metrics
     folders = sorted(p.relative_to(storage / "finetune") for p in storage.glob("finetune/*/*"))
     assert len(folders) == 2 and folders[0].name == folders[1].name != folders[0].parent.name
+
+    state = json.loads((storage / "tune" / "twice.latest.json").read_text())
+    (lost,) = [t for t in trials if t.data.tags[tracking.PARENT_TAG] == state["parent_run_id"]]
+    client.update_run(lost.info.run_id, status="RUNNING")
+    shutil.rmtree(storage / "tune" / state["name"])
+    results, _, _, _ = run_sweep(space, data=prepared_benchmark, storage=storage, resume=True)
+    assert not results.errors and results[0].metrics["epoch"] == 0
+    assert client.get_run(lost.info.run_id).info.status == "KILLED"
+    (resumed,) = [
+        t
+        for t in client.search_runs([exp.experiment_id], "tags.`mixcl.stage` = 'trial'")
+        if t.data.tags.get("mixcl.resumed_from") == lost.info.run_id
+    ]
+    assert resumed.info.status == "FINISHED" and "test/dice_mean" in resumed.data.metrics
+    history = client.get_metric_history(resumed.info.run_id, "val/dice_mean")
+    assert [(m.step, m.value) for m in history] == [
+        (0, lost.data.metrics["val/dice_mean"])
+    ]  # the epoch its checkpoint recorded
