@@ -11,6 +11,7 @@ one), then reads the finished trials from MLflow, prints both tables and saves t
 
     python benchmarks/label_efficiency.py [--storage runs/label-efficiency] [--resume]
     python benchmarks/label_efficiency.py --seeds 0 [--resume]     # one seed: 15 cells, ~1h40
+    python benchmarks/label_efficiency.py --seeds 2 --methods scratch label   # part of a seed
     python benchmarks/label_efficiency.py --report-only [--experiment NAME] [--tracking-uri URI]
 
 The study spans sessions and machines: ``--seeds`` runs part of the seed grid as its own sweep,
@@ -58,12 +59,26 @@ def settings_key(space: Path, data: str | None) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def seed_space(space: Path, seeds: list[int], out_dir: Path) -> Path:
-    """A copy of the study space whose seed grid is ``seeds``: a sweep of its own, resumable
-    on its own (the sweep's name is the file's name)."""
+def seed_space(
+    space: Path, seeds: list[int] | None, out_dir: Path, methods: list[str] | None = None
+) -> Path:
+    """A copy of the study space whose seed grid is ``seeds`` (and, given ``methods``, whose
+    method grid is those): a sweep of its own, resumable on its own (the sweep's name is the
+    file's name)."""
     spec = yaml.safe_load(space.read_text())
-    spec["space"]["seed"] = {"grid": seeds}
-    out = out_dir / f"{space.stem}-seeds-{'-'.join(str(s) for s in seeds)}.yaml"
+    grid = spec["space"]
+    if seeds:
+        grid["seed"] = {"grid": seeds}
+    seeds = [grid["seed"]] if not isinstance(grid["seed"], dict) else grid["seed"]["grid"]
+    name = f"{space.stem}-seeds-{'-'.join(str(s) for s in seeds)}"
+    if methods:
+        study = grid["method"]["grid"] if isinstance(grid["method"], dict) else [grid["method"]]
+        unknown = sorted(set(methods) - set(study))
+        if unknown:
+            raise SystemExit(f"{space}: no method {', '.join(unknown)} in its grid {study}")
+        grid["method"] = {"grid": methods}
+        name += "-" + "-".join(methods)
+    out = out_dir / f"{name}.yaml"
     locations.write_text(out, yaml.safe_dump(spec, sort_keys=False))
     return out
 
@@ -237,6 +252,12 @@ def main() -> None:
         "--seeds", type=int, nargs="+", help="run only these seeds of the space's seed grid"
     )
     parser.add_argument(
+        "--methods",
+        nargs="+",
+        help="run only these methods of the space's method grid (e.g. the baselines of a new "
+        "seed while MixCL's settings are still being decided)",
+    )
+    parser.add_argument(
         "--results",
         type=Path,
         default=RESULTS,
@@ -258,13 +279,14 @@ def main() -> None:
     cells = load_results(args.results, args.experiment, key)  # refuses other settings up front
     if not args.report_only:
         commit, began = code_version(), time.time()
-        if args.seeds:
-            space = seed_space(space, args.seeds, args.storage)
+        if args.seeds or args.methods:
+            space = seed_space(space, args.seeds, args.storage, args.methods)
         command = [sys.executable, "-m", "mixcl_ray.tune", "--space", str(space)]
         command += ["--storage", str(args.storage), "--tracking-uri", uri]
         command += ["--data", args.data] if args.data else []
         command += ["--resume"] if args.resume else []
         seeds = f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else ""
+        seeds += f" --methods {' '.join(args.methods)}" if args.methods else ""
         hint = (
             f"continue with: python benchmarks/label_efficiency.py --storage {args.storage}"
             f"{seeds} --resume"

@@ -167,6 +167,15 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch):
     key = settings_key(full, None)
     assert settings_key(part, None) == key  # the seeds are not part of the settings
     assert settings_key(full, "/data/spleen") != key
+    # part of a seed: a sweep of its own, named by its seeds and methods
+    some = load_space(seed_space(full, [2], tmp_path / "storage", ["scratch", "label"]))
+    assert some.name == "label_efficiency-seeds-2-scratch-label"
+    assert some.space["method"] == {"grid": ["scratch", "label"]}
+    assert some.space["seed"] == {"grid": [2]}
+    every_seed = load_space(seed_space(full, None, tmp_path, ["mixcl"]))
+    assert every_seed.space["seed"]["grid"] == [0, 1, 2]
+    with pytest.raises(SystemExit, match="no method swav in its grid"):
+        seed_space(full, [2], tmp_path, ["swav"])
 
     results = tmp_path / "results.json"
     row = {"method": "mixcl", "label_fraction": 0.05, "val": 0.3, "test": 0.2, "run_id": "a"}

@@ -121,7 +121,7 @@ def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifac
     space.write_text(
         SPACE.format(
             experiment="sweep-test",
-            epochs=2,
+            epochs=1,
             scheduler="{type: none}",  # every trial runs its full budget (ASHA: the next test)
             # two trials at once on the 2 CPUs, each sizing its workers on its half; the two
             # MixCL trials then ask for the one pre-training together (the cache lock)
@@ -191,7 +191,7 @@ def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifac
         assert PASSWORD not in recorded and "alice" not in recorded
     for t in trials:
         history = client.get_metric_history(t.info.run_id, "val/dice_mean")
-        assert [m.step for m in history] == [0, 1]
+        assert [m.step for m in history] == [0]
         assert {"test/dice_mean", "val/dice/spleen", "train/loss", "train/patches_per_s"} <= set(
             t.data.metrics
         )
