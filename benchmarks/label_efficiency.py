@@ -180,9 +180,9 @@ def target_check(summary: dict, gain: float = TARGET_GAIN) -> list[str]:
     return lines
 
 
-def missing_cells(space: Path, cells: list[dict]) -> dict[str, int]:
-    """Seed -> how many of the space's method x label-fraction cells of that seed are not
-    recorded (seeds with every cell recorded left out)."""
+def missing_cells(space: Path, cells: list[dict]) -> dict[str, dict[str, int]]:
+    """Seed -> method -> how many of the space's label fractions of that method and seed are
+    not recorded (complete methods and seeds left out)."""
     from mixcl_ray.spaces import load_space
 
     grid = load_space(space).space
@@ -192,16 +192,32 @@ def missing_cells(space: Path, cells: list[dict]) -> dict[str, int]:
         return value["grid"] if isinstance(value, dict) else [value]
 
     done = {(c["method"], float(c["label_fraction"]), str(c["seed"])) for c in cells}
-    out = {}
+    out: dict[str, dict[str, int]] = {}
     for seed in values("seed"):
-        n = sum(
-            (m, float(f), str(seed)) not in done
-            for m in values("method")
-            for f in values("label_fraction")
-        )
-        if n:
-            out[str(seed)] = n
+        for method in values("method"):
+            n = sum((method, float(f), str(seed)) not in done for f in values("label_fraction"))
+            if n:
+                out.setdefault(str(seed), {})[method] = n
     return out
+
+
+def missing_commands(space: Path, missing: dict[str, dict[str, int]]) -> list[str]:
+    """The commands that run what ``missing_cells`` found: seeds with the same methods missing
+    together, ``--methods`` only where some of the seed's methods are done."""
+    from mixcl_ray.spaces import load_space
+
+    every = load_space(space).space["method"]
+    every = every["grid"] if isinstance(every, dict) else [every]
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for seed, methods in missing.items():
+        groups.setdefault(tuple(m for m in every if m in methods), []).append(seed)
+    commands = []
+    for methods, seeds in groups.items():
+        command = f"python benchmarks/label_efficiency.py --seeds {' '.join(seeds)}"
+        if list(methods) != every:
+            command += f" --methods {' '.join(methods)}"
+        commands.append(command)
+    return commands
 
 
 def latest_rows(tracking_uri: str, experiment: str, since: float | None = None) -> list[dict]:
@@ -309,11 +325,10 @@ def main() -> None:
     full = space_file(args.space)
     missing = missing_cells(full, cells)
     if missing and load_space(full).experiment == args.experiment:
-        seeds = " ".join(missing)
-        print(
-            f"\nnot yet run: {', '.join(f'seed {s} ({n} cells)' for s, n in missing.items())}; "
-            f"run them with: python benchmarks/label_efficiency.py --seeds {seeds}"
-        )
+        counts = ", ".join(f"seed {s} ({sum(m.values())} cells)" for s, m in missing.items())
+        print(f"\nnot yet run: {counts}; run them with:")
+        for command in missing_commands(full, missing):
+            print(f"  {command}")
 
 
 if __name__ == "__main__":

@@ -151,6 +151,7 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch):
         code_version,
         load_results,
         missing_cells,
+        missing_commands,
         record,
         seed_space,
         settings_key,
@@ -193,7 +194,24 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch):
         ("2", "mixcl", 0.2),
     ]
     assert load_results(results, "exp", key) == cells
-    assert missing_cells(full, cells) == {"0": 14, "1": 14, "2": 14}
+    missing = missing_cells(full, cells)
+    assert {seed: sum(m.values()) for seed, m in missing.items()} == {"0": 14, "1": 14, "2": 14}
+    assert missing["1"]["scratch"] == 2 and missing["1"]["mixcl"] == 3
+    assert missing_commands(full, missing) == [
+        "python benchmarks/label_efficiency.py --seeds 0 1 2"
+    ]
+    # a seed whose baselines are done: only its MixCL cells are asked for
+    baselines = [
+        {"method": m, "label_fraction": f, "seed": "2"}
+        for m in ("scratch", "identity", "label", "reconstruction")
+        for f in (0.05, 0.15, 1.0)
+    ]
+    missing = missing_cells(full, [*cells, *baselines])
+    assert missing["2"] == {"mixcl": 2}  # seed 2's MixCL at 5 % is recorded above
+    assert missing_commands(full, missing) == [
+        "python benchmarks/label_efficiency.py --seeds 0 1",
+        "python benchmarks/label_efficiency.py --seeds 2 --methods mixcl",
+    ]
     assert load_results(results, "other experiment", key) == []  # not this study's table
     with pytest.raises(SystemExit, match="another experiment"):
         record(results, "other experiment", key, [{**row, "seed": "0"}])
