@@ -17,7 +17,18 @@ SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
 
 @pytest.mark.parametrize(
-    "name", ["demo", "ablation", "label_efficiency", "spleen", "btcv", "search", "finetune_search"]
+    "name",
+    [
+        "demo",
+        "ablation",
+        "label_efficiency",
+        "spleen",
+        "btcv",
+        "search",
+        "finetune_search",
+        "cropped_views",
+        "mixcl_balance",
+    ],
 )
 def test_shipped_spaces_are_valid(name):
     spec = load_space(SPACES / f"{name}.yaml")
