@@ -59,6 +59,11 @@ def settings_key(space: Path, data: str | None) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def grid_values(value) -> list:
+    """A space dimension's values: its grid, or the one value it is fixed at."""
+    return value["grid"] if isinstance(value, dict) else [value]
+
+
 def seed_space(
     space: Path, seeds: list[int] | None, out_dir: Path, methods: list[str] | None = None
 ) -> Path:
@@ -69,10 +74,9 @@ def seed_space(
     grid = spec["space"]
     if seeds:
         grid["seed"] = {"grid": seeds}
-    seeds = [grid["seed"]] if not isinstance(grid["seed"], dict) else grid["seed"]["grid"]
-    name = f"{space.stem}-seeds-{'-'.join(str(s) for s in seeds)}"
+    name = f"{space.stem}-seeds-{'-'.join(str(s) for s in grid_values(grid['seed']))}"
     if methods:
-        study = grid["method"]["grid"] if isinstance(grid["method"], dict) else [grid["method"]]
+        study = grid_values(grid["method"])
         unknown = sorted(set(methods) - set(study))
         if unknown:
             raise SystemExit(f"{space}: no method {', '.join(unknown)} in its grid {study}")
@@ -186,16 +190,12 @@ def missing_cells(space: Path, cells: list[dict]) -> dict[str, dict[str, int]]:
     from mixcl_ray.spaces import load_space
 
     grid = load_space(space).space
-
-    def values(name):
-        value = grid[name]
-        return value["grid"] if isinstance(value, dict) else [value]
-
     done = {(c["method"], float(c["label_fraction"]), str(c["seed"])) for c in cells}
     out: dict[str, dict[str, int]] = {}
-    for seed in values("seed"):
-        for method in values("method"):
-            n = sum((method, float(f), str(seed)) not in done for f in values("label_fraction"))
+    fractions = grid_values(grid["label_fraction"])
+    for seed in grid_values(grid["seed"]):
+        for method in grid_values(grid["method"]):
+            n = sum((method, float(f), str(seed)) not in done for f in fractions)
             if n:
                 out.setdefault(str(seed), {})[method] = n
     return out
@@ -206,8 +206,7 @@ def missing_commands(space: Path, missing: dict[str, dict[str, int]]) -> list[st
     together, ``--methods`` only where some of the seed's methods are done."""
     from mixcl_ray.spaces import load_space
 
-    every = load_space(space).space["method"]
-    every = every["grid"] if isinstance(every, dict) else [every]
+    every = grid_values(load_space(space).space["method"])
     groups: dict[tuple[str, ...], list[str]] = {}
     for seed, methods in missing.items():
         groups.setdefault(tuple(m for m in every if m in methods), []).append(seed)
