@@ -19,7 +19,10 @@ and every finished cell (method, label fraction, seed: validation and test Dice,
 is recorded in ``--results`` (default ``benchmarks/results/label_efficiency.json``, kept in the
 repository). The tables are drawn from that file merged with the latest sweep, so the seeds
 run on different days add up; a file recorded with other study settings is refused, not
-mixed. The baseline, scratch, is measured in the same study.
+mixed. Every cell also records its pre-training's loss weights (l_id, l_label, l_rec): a cell
+whose method pre-trains with other weights now (MixCL's default changed) is left out of the
+tables and kept in the file under ``superseded``, and the closing hint asks for it again. The
+baseline, scratch, is measured in the same study.
 """
 
 from __future__ import annotations
@@ -87,24 +90,69 @@ def seed_space(
     return out
 
 
-def load_results(path: Path, experiment: str, key: str) -> list[dict]:
-    """The cells recorded for ``experiment`` with these settings; [] when there are none. A file
-    recorded with other settings is an error that says so (its cells are not comparable)."""
+def method_weights(method: str) -> list[float]:
+    """The loss weights (l_id, l_label, l_rec) ``method`` pre-trains with now; zeros for
+    scratch, as its trials log them."""
+    from mixcl_ray.config import METHODS
+
+    return [float(w) for w in METHODS[method] or (0.0, 0.0, 0.0)]
+
+
+def split_by_weights(cells: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(cells pre-trained with their method's weights of now, the others): a cell recorded
+    before its method's weights changed, or without weights, is not comparable."""
+    current, other = [], []
+    for cell in cells:
+        same = cell.get("weights") == method_weights(cell["method"])
+        (current if same else other).append(cell)
+    return current, other
+
+
+def read_results(path: Path, experiment: str, key: str) -> tuple[list[dict], list[dict]]:
+    """(cells, superseded cells) of the file for ``experiment``, as recorded; ([], []) when
+    there are none. A file recorded with other settings is an error that says so (its cells are
+    not comparable)."""
     if not path.exists():
-        return []
+        return [], []
     try:
         saved = json.loads(path.read_text())
         cells, saved_key = saved["cells"], saved["settings"]
+        superseded = saved.get("superseded", [])
     except (ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"{path}: not a label-efficiency results file ({err})") from None
     if saved.get("experiment") != experiment:
-        return []
+        return [], []
     if saved_key != key:
         raise SystemExit(
             f"{path}: its {len(cells)} cells were recorded with other study settings "
             f"({saved_key}, now {key}); move it away to start a new table, or give --results"
         )
-    return cells
+    return cells, superseded
+
+
+def load_results(path: Path, experiment: str, key: str) -> list[dict]:
+    """The cells recorded for ``experiment`` with these settings and their methods' weights of
+    now; [] when there are none. The cells of other weights are left out, and said so."""
+    current, other = split_by_weights(read_results(path, experiment, key)[0])
+    if other:
+        print(
+            f"{path}: {len(other)} cells left out, recorded with other pre-training weights "
+            f"than their method's now ({weights_changed(other)}); they stay in the file "
+            "(under 'superseded' once new cells are recorded)"
+        )
+    return current
+
+
+def weights_changed(cells: list[dict]) -> str:
+    """``method l_id/l_label/l_rec w -> now w``, once per method and recorded weights."""
+    pairs = {(c["method"], tuple(c.get("weights") or ())) for c in cells}
+
+    def text(weights) -> str:
+        return "/".join(f"{w:g}" for w in weights) if weights else "not recorded"
+
+    return ", ".join(
+        f"{m} l_id/l_label/l_rec {text(w)}, now {text(method_weights(m))}" for m, w in sorted(pairs)
+    )
 
 
 def merge_cells(old: list[dict], new: list[dict]) -> list[dict]:
@@ -141,13 +189,20 @@ def record(
             "test": r["test"],
             "run_id": r["run_id"],
             "commit": commit,
+            "weights": r.get("weights"),
         }
         for r in rows
     ]
     if path.exists() and json.loads(path.read_text()).get("experiment") != experiment:
         raise SystemExit(f"{path} holds another experiment's cells; give --results")
-    cells = merge_cells(load_results(path, experiment, key), new)
+    saved, superseded = read_results(path, experiment, key)
+    saved, aside = split_by_weights(saved)
+    cells, other = split_by_weights(merge_cells(saved, new))
     payload = {"experiment": experiment, "settings": key, "cells": cells}
+    # nothing recorded is dropped: the cells of other weights are kept aside
+    superseded += [c for c in aside + other if c not in superseded]
+    if superseded:
+        payload["superseded"] = superseded
     locations.write_text(path, json.dumps(payload, indent=1) + "\n")
     return cells
 
@@ -317,7 +372,7 @@ def main() -> None:
                     f"{len(rows)} finished cells recorded in {args.results} ({len(cells)} in all)"
                 )
     else:
-        cells = merge_cells(cells, latest_rows(uri, args.experiment))
+        cells = merge_cells(cells, split_by_weights(latest_rows(uri, args.experiment))[0])
     if not cells:
         raise SystemExit(f"no finished trial of {args.experiment!r} in MLflow or {args.results}")
     report(cells, args.storage / "label-efficiency-report")

@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=["mixcl", "identity", "reconstruction", "label"],
         default=None,
-        help="a baseline is a setting of the same code: which loss terms are on",
+        help="a baseline is a setting of the same code: which loss terms are on (mixcl: label "
+        "and reconstruction consistency, l_id 0, see the README; without --method, the config's "
+        "loss weights: all three terms at 1 by default)",
     )
     parser.add_argument("--workers", type=int, help="Ray Train workers")
     parser.add_argument("--epochs", type=int)

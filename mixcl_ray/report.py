@@ -52,6 +52,8 @@ def collect(
                 "test": m[REPORT_METRIC],
                 "val": m.get("val/best_dice_mean", float("nan")),
                 "run_id": run.info.run_id,
+                # the pre-training's (l_id, l_label, l_rec); zeros for scratch
+                "weights": [float(p.get(k, 0.0)) for k in ("l_id", "l_label", "l_rec")],
             }
         )
     return rows, parent_id

@@ -138,10 +138,11 @@ def test_linear_probe_benchmark_smoke(prepared_benchmark, tmp_path):
     assert all(0 <= d <= 1 for r in summary["networks"].values() for d in r.values())
 
 
-def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch):
+def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys):
     """The study split by seed: each part is a valid space of its own, its finished cells are
     recorded in one file that a later run (another day, another machine) adds to, and a file
-    recorded with other study settings is refused rather than mixed in."""
+    recorded with other study settings is refused rather than mixed in, as is a cell of a
+    method whose pre-training weights changed since."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import json
 
@@ -150,6 +151,7 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch):
     from label_efficiency import (
         code_version,
         load_results,
+        method_weights,
         missing_cells,
         missing_commands,
         record,
@@ -179,8 +181,11 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch):
         seed_space(full, [2], tmp_path, ["swav"])
 
     results = tmp_path / "results.json"
+    mixcl, zeros = method_weights("mixcl"), [0.0, 0.0, 0.0]
     row = {"method": "mixcl", "label_fraction": 0.05, "val": 0.3, "test": 0.2, "run_id": "a"}
-    record(results, "exp", key, [{**row, "seed": "0"}, {**row, "seed": 1, "method": "scratch"}])
+    row["weights"] = mixcl
+    scratch = {**row, "seed": 1, "method": "scratch", "weights": zeros}
+    record(results, "exp", key, [{**row, "seed": "0"}, scratch])
     # seed 0's MixCL at 5 % run again, seed 2 added: one replaced, one added
     cells = record(
         results, "exp", key, [{**row, "seed": 0, "test": 0.25}, {**row, "seed": "2"}], "abc1234"
@@ -223,6 +228,28 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch):
         load_results(results, "exp", settings_key(tmp_path / "shorter.yaml", None))
     assert json.loads(results.read_text())["cells"] == cells  # nothing lost
 
+    # MixCL's weights changed since seed 0's 5 % cell was recorded: that cell is left out of
+    # the tables and asked for again, kept in the file; the run with the new weights replaces it
+    old = [1.0, 1.0, 1.0]
+    assert mixcl != old and method_weights("scratch") == zeros
+    earlier = tmp_path / "earlier.json"
+    recorded = [{**row, "seed": "0", "weights": old}, {**scratch, "seed": "1"}]
+    earlier.write_text(json.dumps({"experiment": "exp", "settings": key, "cells": recorded}))
+    assert [c["method"] for c in load_results(earlier, "exp", key)] == ["scratch"]
+    assert "mixcl l_id/l_label/l_rec 1/1/1, now 0/1/1" in capsys.readouterr().out
+    assert json.loads(earlier.read_text())["cells"] == recorded  # reading changes nothing
+    assert missing_cells(full, load_results(earlier, "exp", key))["0"]["mixcl"] == 3
+    cells = record(earlier, "exp", key, [{**row, "seed": "0", "test": 0.3}])
+    assert [(c["method"], c["test"]) for c in cells] == [("mixcl", 0.3), ("scratch", 0.2)]
+    saved = json.loads(earlier.read_text())
+    assert saved["cells"] == cells and [c["weights"] for c in saved["superseded"]] == [old]
+    # a cell without weights (recorded before they were) is not taken for the current ones,
+    # nor a sweep's cell pre-trained with other weights (a space that sets l_id)
+    cells = record(earlier, "exp", key, [{**row, "seed": "1", "weights": None}])
+    cells = record(earlier, "exp", key, [{**row, "seed": "2", "weights": [0.1, 1.0, 1.0]}])
+    assert [c["seed"] for c in cells] == ["0", "1"]  # seed 1: scratch
+    assert len(json.loads(earlier.read_text())["superseded"]) == 3
+
 
 def test_label_efficiency_records_only_a_sweep_of_its_own_run(tmp_path, monkeypatch):
     """The cells recorded after a study are those of a sweep that began in that run: a study
@@ -241,7 +268,8 @@ def test_label_efficiency_records_only_a_sweep_of_its_own_run(tmp_path, monkeypa
     trial = client.create_run(
         exp, tags={"mixcl.stage": "trial", "mlflow.parentRunId": sweep.info.run_id}
     )
-    for name, value in (("method", "mixcl"), ("label_fraction", "0.05"), ("seed", "1")):
+    params = {"method": "mixcl", "label_fraction": "0.05", "seed": "1", "l_id": "0.0"}
+    for name, value in {**params, "l_label": "1.0", "l_rec": "0.5"}.items():
         client.log_param(trial.info.run_id, name, value)
     client.log_metric(trial.info.run_id, "test/dice_mean", 0.4)
     client.set_terminated(trial.info.run_id)
@@ -252,5 +280,6 @@ def test_label_efficiency_records_only_a_sweep_of_its_own_run(tmp_path, monkeypa
         "1",
         0.4,
     )
+    assert row["weights"] == [0.0, 1.0, 0.5]  # the pre-training's, from the trial's params
     assert latest_rows(uri, "study", since=time.time() + 1) == []  # began before this run
     assert latest_rows(uri, "missing experiment") == []
