@@ -85,9 +85,9 @@ class LossConfig:
 
 # The baselines are settings of the same code: (l_id, l_label, l_rec); scratch skips pre-training.
 # MixCL's identity weight is 0: in MixCL the identity term compares the two clean views, which by
-# default differ only in intensity; it fell to 0.06-0.09 within 4 epochs and at weight 1 left an
-# encoder that fine-tuned 9 to 18 Dice points worse at 15 % and 100 % of the labels (README,
-# "MixCL's loss balance"). Set ``l_id`` (a space dimension or the loss config) to bring it back.
+# default differ only in intensity; it fell to 0.06-0.09 within 4 epochs, and at weight 1 MixCL
+# fine-tuned 7 to 18 test Dice points worse than at weight 0 at 15 % and 100 % of the labels
+# (README, "MixCL's loss balance"). ``l_id`` (a space dimension, the loss config) brings it back.
 METHODS: dict[str, tuple[float, float, float] | None] = {
     "scratch": None,
     "identity": (1.0, 0.0, 0.0),
