@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -162,24 +161,13 @@ def merge_cells(old: list[dict], new: list[dict]) -> list[dict]:
     return sorted(cells.values(), key=lambda c: (str(c["seed"]), c["method"], c["label_fraction"]))
 
 
-def code_version() -> str | None:
-    """The checkout's commit, with ``+changes`` when tracked files differ from it; None
-    outside a git checkout."""
-
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout
-
-    commit = git("rev-parse", "--short", "HEAD").strip()
-    if not commit:
-        return None
-    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def record(
     path: Path, experiment: str, key: str, rows: list[dict], commit: str | None = None
 ) -> list[dict]:
     """Merge the sweep's finished cells into the results file (written atomically), each
-    with ``commit``, the code it ran (taken when the study started); returns every cell."""
+    with the code it ran: the commit its trial run was tagged with (the sweep driver's, so a
+    resumed study's cells keep theirs), else ``commit`` (taken when the study started).
+    Returns every cell."""
     new = [
         {
             "method": r["method"],
@@ -188,7 +176,7 @@ def record(
             "val": r["val"],
             "test": r["test"],
             "run_id": r["run_id"],
-            "commit": commit,
+            "commit": r.get("commit") or commit,
             "weights": r.get("weights"),
         }
         for r in rows
@@ -348,7 +336,7 @@ def main() -> None:
     key = settings_key(space, args.data)
     cells = load_results(args.results, args.experiment, key)  # refuses other settings up front
     if not args.report_only:
-        commit, began = code_version(), time.time()
+        commit, began = tracking.code_version(), time.time()
         if args.seeds or args.methods:
             space = seed_space(space, args.seeds, args.storage, args.methods)
         command = [sys.executable, "-m", "mixcl_ray.tune", "--space", str(space)]

@@ -52,6 +52,7 @@ def collect(
                 "test": m[REPORT_METRIC],
                 "val": m.get("val/best_dice_mean", float("nan")),
                 "run_id": run.info.run_id,
+                "commit": run.data.tags.get(tracking.CODE_TAG),  # None before it was tagged
                 # the pre-training's (l_id, l_label, l_rec); zeros for scratch
                 "weights": [float(p.get(k, 0.0)) for k in ("l_id", "l_label", "l_rec")],
             }

@@ -18,7 +18,30 @@ INTERRUPTED_TAG = "mixcl.interrupted"
 STOPPED_TAG = "mixcl.stopped"
 TRIAL_ID_TAG = "mixcl.tune_trial_id"
 RESUMED_TAG = "mixcl.resumed_from"
+CODE_TAG = "mixcl.code_version"  # the commit a sweep's driver ran, on its runs
 SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "access_key", "credential")
+
+
+def code_version() -> str | None:
+    """The commit of the mixcl_ray checkout this runs from, with ``+changes`` when tracked
+    files differ from it; None for an installed package or a copy without git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():  # not a checkout (git would find an enclosing one)
+        return None
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=root)
+        except OSError:  # no git on this machine
+            return ""
+        return done.stdout if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD").strip()
+    if not commit:
+        return None
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def default_tracking_uri(runs_dir: str | os.PathLike) -> str:

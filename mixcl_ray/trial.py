@@ -304,6 +304,7 @@ def run_trial(config: dict, sweep: dict) -> None:
             "mixcl.stage": "trial",
             "method": params["method"],
             tracking.TRIAL_ID_TAG: _tune_trial_id(),
+            **ctx.get("code_tag", {}),
         },
         params,
         parent_id=ctx["parent_id"],

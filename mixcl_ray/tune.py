@@ -118,11 +118,13 @@ def run_sweep(
     experiment_id = tracking.ensure_experiment(
         uri, spec.experiment, None if remote else storage / "mlartifacts"
     )
+    version = tracking.code_version()
+    code_tag = {tracking.CODE_TAG: version} if version else {}
     parent_id = tracking.start_run(
         uri,
         experiment_id,
         state["name"],
-        {"mixcl.stage": "sweep", "space": spec.name},
+        {"mixcl.stage": "sweep", "space": spec.name, **code_tag},
         {
             "space": spec.name,
             "preset": spec.preset,
@@ -160,6 +162,7 @@ def run_sweep(
         "workers": spec.resources["workers"],
         "gpus_per_worker": spec.resources["gpus_per_worker"],
         "max_concurrent_trials": spec.resources["max_concurrent_trials"],
+        "code_tag": code_tag,  # the driver's commit: trials started by a resume carry its own
     }
     param_space = to_tune_space(spec.space, spec.search)
     scheduler = make_scheduler(spec)

@@ -149,7 +149,6 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
     import pytest
     import yaml
     from label_efficiency import (
-        code_version,
         load_results,
         method_weights,
         missing_cells,
@@ -161,6 +160,7 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
     )
 
     from mixcl_ray.spaces import load_space
+    from mixcl_ray.tracking import code_version
 
     full = space_file("label_efficiency")
     part = seed_space(full, [1], tmp_path / "storage")
@@ -187,10 +187,10 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
     scratch = {**row, "seed": 1, "method": "scratch", "weights": zeros}
     record(results, "exp", key, [{**row, "seed": "0"}, scratch])
     # seed 0's MixCL at 5 % run again, seed 2 added: one replaced, one added
-    cells = record(
-        results, "exp", key, [{**row, "seed": 0, "test": 0.25}, {**row, "seed": "2"}], "abc1234"
-    )
-    assert [c["commit"] for c in cells] == ["abc1234", None, "abc1234"]
+    # (a cell's own commit, tagged on its run by the sweep's driver, wins over the study's)
+    again = [{**row, "seed": 0, "test": 0.25}, {**row, "seed": "2", "commit": "fed9876"}]
+    cells = record(results, "exp", key, again, "abc1234")
+    assert [c["commit"] for c in cells] == ["abc1234", None, "fed9876"]
     if (ROOT / ".git").exists():
         assert code_version()[:7].isalnum()
     assert [(c["seed"], c["method"], c["test"]) for c in cells] == [
@@ -260,6 +260,8 @@ def test_label_efficiency_records_only_a_sweep_of_its_own_run(tmp_path, monkeypa
     from label_efficiency import latest_rows
     from mlflow import MlflowClient
 
+    from mixcl_ray.tracking import CODE_TAG
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("study")
@@ -268,6 +270,7 @@ def test_label_efficiency_records_only_a_sweep_of_its_own_run(tmp_path, monkeypa
     trial = client.create_run(
         exp, tags={"mixcl.stage": "trial", "mlflow.parentRunId": sweep.info.run_id}
     )
+    client.set_tag(trial.info.run_id, CODE_TAG, "abc1234")
     params = {"method": "mixcl", "label_fraction": "0.05", "seed": "1", "l_id": "0.0"}
     for name, value in {**params, "l_label": "1.0", "l_rec": "0.5"}.items():
         client.log_param(trial.info.run_id, name, value)
@@ -281,5 +284,6 @@ def test_label_efficiency_records_only_a_sweep_of_its_own_run(tmp_path, monkeypa
         0.4,
     )
     assert row["weights"] == [0.0, 1.0, 0.5]  # the pre-training's, from the trial's params
+    assert row["commit"] == "abc1234"
     assert latest_rows(uri, "study", since=time.time() + 1) == []  # began before this run
     assert latest_rows(uri, "missing experiment") == []

@@ -18,6 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from data_prep import locations
+from mixcl_ray.tracking import CODE_TAG, code_version
 from tests.servers import S3_BUCKET, S3_SECRET, free_port, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800), pytest.mark.usefixtures("ray_paused")]
@@ -186,6 +187,8 @@ def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifac
     assert "train/loss_label" in pretrains[0].data.metrics
     assert {"seed", "crop_offset", "l_label", "epochs"} <= set(pretrains[0].data.params)
     assert {t.info.status for t in trials} == {"FINISHED"}
+    if (ROOT / ".git").exists():  # a checkout: the sweep and its trials name the code they ran
+        assert {t.data.tags.get(CODE_TAG) for t in [*trials, parent]} == {code_version()}
     for t in [*trials, *pretrains, parent]:
         recorded = json.dumps([t.data.params, t.data.tags, t.data.metrics])
         assert PASSWORD not in recorded and "alice" not in recorded
