@@ -143,7 +143,7 @@ def load_results(path: Path, experiment: str, key: str) -> list[dict]:
 
 
 def weights_changed(cells: list[dict]) -> str:
-    """``method l_id/l_label/l_rec w -> now w``, once per method and recorded weights."""
+    """``method l_id/l_label/l_rec W, now W``, once per method and recorded weights."""
     pairs = {(c["method"], tuple(c.get("weights") or ())) for c in cells}
 
     def text(weights) -> str:
