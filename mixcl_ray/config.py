@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 BACKBONES = ("unet", "swinunetr")
+DENSE_SOURCES = ("decoder", "encoder")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -31,6 +32,10 @@ class ModelConfig:
     global_dim: int = 64  # identity embedding size
     global_hidden: int = 128
     dense_dim: int = 32  # voxel embedding size
+    # where the voxel embeddings of the label term come from: "decoder" (its last level) or
+    # "encoder" (all five encoder levels, each projected and upsampled to the patch, summed):
+    # fine-tuning loads the encoder only, so "encoder" puts the label term on what is kept
+    dense_source: str = "decoder"
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -49,6 +54,10 @@ class ModelConfig:
         _check(
             self.in_channels > 0 and self.global_dim > 0 and self.dense_dim > 0,
             "in_channels, global_dim and dense_dim must be positive",
+        )
+        _check(
+            self.dense_source in DENSE_SOURCES,
+            f"dense_source must be one of {DENSE_SOURCES}, got {self.dense_source!r}",
         )
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
 

@@ -31,6 +31,23 @@ def test_mixcl_model_returns_named_outputs():
         MixCLModel(TINY)(torch.rand(1, 1, 32, 32, 32), heads=("segmentation",))
 
 
+def test_encoder_dense_source_trains_the_encoder_without_the_decoder():
+    """``dense_source: encoder``: the voxel embeddings come from the encoder levels, so the label
+    term alone runs no decoder and its gradient reaches every encoder level."""
+    model = MixCLModel(ModelConfig(**{**to_dict(TINY), "dense_source": "encoder"}))
+    out = model(torch.rand(2, 1, 32, 32, 32), heads=("dense",))
+    assert out["voxel_embeddings"].shape == (2, 8, 32, 32, 32)
+    out["voxel_embeddings"].square().mean().backward()
+    backbone = model.backbone
+    assert all(p.grad is not None for p in backbone.encoder.parameters())
+    assert all(p.grad is None for p in backbone.decoder.parameters())
+    full = model(torch.rand(2, 1, 32, 32, 32))  # with reconstruction, the decoder runs
+    assert full["reconstruction"].shape == (2, 1, 32, 32, 32)
+    # the encoder and decoder are the decoder source's: a pre-training of either kind loads
+    seg = SegmentationNet(TINY, num_classes=2)
+    assert seg.backbone.state_dict().keys() == backbone.state_dict().keys()
+
+
 @pytest.mark.slow
 def test_swinunetr_backbone():
     model = MixCLModel(
@@ -40,6 +57,11 @@ def test_swinunetr_backbone():
     assert out["voxel_embeddings"].shape == (1, 8, 64, 64, 64)
     assert out["global_embedding"].shape == (1, 8)
     assert any(k.startswith("swinViT") for k in model.backbone.encoder.state_dict())
+    encoder_source = MixCLModel(
+        ModelConfig(backbone="swinunetr", dense_source="encoder", global_dim=8, dense_dim=8)
+    )
+    dense = encoder_source(torch.rand(1, 1, 64, 64, 64), heads=("dense",))
+    assert dense["voxel_embeddings"].shape == (1, 8, 64, 64, 64)
 
 
 def _equal_parts(a, b):
@@ -112,6 +134,7 @@ def test_patch_size_checks():
         ({"features": (4, 8)}, "features"),
         ({"feature_size": 10}, "feature_size"),
         ({"dropout": 1.0}, "dropout"),
+        ({"dense_source": "bottleneck"}, "dense_source"),
     ],
 )
 def test_model_config_validation(kwargs, message):
@@ -148,10 +171,11 @@ def test_config_round_trip_and_methods():
         loss_config_for("simclr")
 
 
-def test_view_transform_maps_embeddings_back_to_the_patch_frame():
+@pytest.mark.parametrize("dense_source", ["decoder", "encoder"])
+def test_view_transform_maps_embeddings_back_to_the_patch_frame(dense_source):
     from mixcl_ray.data.views import invert_spatial
 
-    model = MixCLModel(TINY).eval()
+    model = MixCLModel(ModelConfig(**{**to_dict(TINY), "dense_source": dense_source})).eval()
     x = torch.rand(2, 1, 32, 32, 32)
     flips, rots = torch.tensor([[True, False, True], [False, True, False]]), torch.tensor([1, 3])
     plain = model(x)

@@ -1,7 +1,8 @@
 """3D encoder-decoders with the encoder under ``.encoder`` and the decoder under ``.decoder``.
 
 Both return two feature maps: the bottleneck (for the global head) and the last decoder level
-(for the dense and reconstruction heads, and for segmentation). The UNet is assembled from
+(for the dense and reconstruction heads, and for segmentation); ``forward_levels`` adds the
+encoder's feature maps, finest first (for a dense head on the encoder, ``dense_source``). The UNet is assembled from
 MONAI's BasicUNet blocks and the SwinUNETR from MONAI's SwinUNETR modules; only their grouping
 changes, so that weights load by the prefixes ``encoder.`` and ``decoder.``.
 """
@@ -38,26 +39,32 @@ class UNetBackbone(nn.Module):
         )
         self.bottleneck_channels = config.features[4]
         self.decoder_channels = config.features[5]
+        self.encoder_channels = tuple(config.features[:5])
 
     def forward(
         self, x: torch.Tensor, decode: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, C, D, H, W) -> bottleneck (B, F4, D/16, H/16, W/16), decoder (B, F5, D, H, W)
         (None when ``decode`` is False: the identity head alone needs no decoder)."""
+        return self.forward_levels(x, decode)[:2]
+
+    def forward_levels(self, x: torch.Tensor, decode: bool = True):
+        """``forward``'s two maps and the encoder's five levels (F0 at D ... F4 at D/16)."""
         e = self.encoder
         x0 = e["conv_0"](x)
         x1 = e["down_1"](x0)
         x2 = e["down_2"](x1)
         x3 = e["down_3"](x2)
         x4 = e["down_4"](x3)
+        levels = (x0, x1, x2, x3, x4)
         if not decode:
-            return x4, None
+            return x4, None, levels
         d = self.decoder
         u = d["upcat_4"](x4, x3)
         u = d["upcat_3"](u, x2)
         u = d["upcat_2"](u, x1)
         u = d["upcat_1"](u, x0)
-        return x4, u
+        return x4, u, levels
 
 
 class SwinBackbone(nn.Module):
@@ -82,11 +89,18 @@ class SwinBackbone(nn.Module):
         self.decoder = nn.ModuleDict({k: getattr(net, k) for k in self._decoder_keys})
         self.bottleneck_channels = 16 * config.feature_size
         self.decoder_channels = config.feature_size
+        f = config.feature_size
+        self.encoder_channels = (f, f, 2 * f, 4 * f, 16 * f)
 
     def forward(
         self, x: torch.Tensor, decode: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, C, D, H, W) -> bottleneck (B, 16F, D/32, ...), decoder (B, F, D, H, W) or None."""
+        return self.forward_levels(x, decode)[:2]
+
+    def forward_levels(self, x: torch.Tensor, decode: bool = True):
+        """``forward``'s two maps and the encoder's five levels (F at D, F at D/2, 2F at D/4,
+        4F at D/8, 16F at D/32)."""
         e, d = self.encoder, self.decoder
         hidden = e["swinViT"](x, self.normalize)
         enc0 = e["encoder1"](x)
@@ -94,14 +108,15 @@ class SwinBackbone(nn.Module):
         enc2 = e["encoder3"](hidden[1])
         enc3 = e["encoder4"](hidden[2])
         bottleneck = e["encoder10"](hidden[4])
+        levels = (enc0, enc1, enc2, enc3, bottleneck)
         if not decode:
-            return bottleneck, None
+            return bottleneck, None, levels
         u = d["decoder5"](bottleneck, hidden[3])
         u = d["decoder4"](u, enc3)
         u = d["decoder3"](u, enc2)
         u = d["decoder2"](u, enc1)
         u = d["decoder1"](u, enc0)
-        return bottleneck, u
+        return bottleneck, u, levels
 
 
 def build_backbone(config: ModelConfig) -> UNetBackbone | SwinBackbone:

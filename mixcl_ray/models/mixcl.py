@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mixcl_ray.config import ModelConfig
@@ -49,6 +50,27 @@ class DenseProjectionHead(nn.Module):
         return self.net(features)
 
 
+class EncoderDenseHead(nn.Module):
+    """Encoder levels -> voxel embeddings (B, dense_dim, D, H, W), as a feature pyramid's top-down
+    sum: each level through its own 1x1x1 conv to ``width`` channels, upsampled (trilinear) to
+    the patch and summed, then ReLU and a 1x1x1 conv. The label term's gradient then reaches
+    every encoder level directly, not through a decoder that fine-tuning does not load."""
+
+    def __init__(self, in_channels: tuple[int, ...], out_dim: int, width: int = 32):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv3d(c, width, 1) for c in in_channels)
+        self.out = nn.Sequential(nn.ReLU(inplace=True), nn.Conv3d(width, out_dim, 1))
+
+    def forward(self, levels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        size = levels[0].shape[2:]
+        total = self.lateral[0](levels[0])
+        for conv, level in zip(self.lateral[1:], levels[1:], strict=True):
+            total = total + F.interpolate(
+                conv(level), size=size, mode="trilinear", align_corners=False
+            )
+        return self.out(total)
+
+
 class MixCLModel(nn.Module):
     """Backbone with the three pre-training heads; ``forward`` returns a dict of named outputs.
 
@@ -62,7 +84,11 @@ class MixCLModel(nn.Module):
         self.global_head = GlobalProjectionHead(
             self.backbone.bottleneck_channels, config.global_hidden, config.global_dim
         )
-        self.dense_head = DenseProjectionHead(self.backbone.decoder_channels, config.dense_dim)
+        self.dense_head = (
+            EncoderDenseHead(self.backbone.encoder_channels, config.dense_dim)
+            if config.dense_source == "encoder"
+            else DenseProjectionHead(self.backbone.decoder_channels, config.dense_dim)
+        )
         self.reconstruction_head = nn.Conv3d(self.backbone.decoder_channels, config.in_channels, 1)
 
     def forward(
@@ -83,14 +109,18 @@ class MixCLModel(nn.Module):
         unknown = set(heads) - set(HEADS)
         if unknown:
             raise ValueError(f"unknown heads {sorted(unknown)}; known: {HEADS}")
-        bottleneck, features = self.backbone(x, decode=bool(set(heads) - {"global"}))
+        from_encoder = self.config.dense_source == "encoder"
+        decoded = {"reconstruction"} if from_encoder else {"dense", "reconstruction"}
+        bottleneck, features, levels = self.backbone.forward_levels(
+            x, decode=bool(decoded & set(heads))
+        )
         out = {}
         if "global" in heads:
             if flips is not None:
                 bottleneck = invert_spatial(bottleneck, flips, rots)
             out["global_embedding"] = self.global_head(bottleneck)
         if "dense" in heads:
-            embeddings = self.dense_head(features)
+            embeddings = self.dense_head(levels if from_encoder else features)
             out["voxel_embeddings"] = (
                 invert_spatial(embeddings, flips, rots) if flips is not None else embeddings
             )
