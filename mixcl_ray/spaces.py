@@ -4,7 +4,7 @@ A space file names the data, the preset, fixed overrides of each stage, the reso
 trial, the scheduler and search algorithm, and the searched dimensions. Dimensions use one
 flat vocabulary (the same names are MLflow params): method, l_id, l_label, l_rec,
 temperature_id, temperature_label, pretrain_label_fraction, label_fraction, seed, lr,
-pretrain_lr, crop_offset. Each is a constant or one of {grid: [...]}, {choice: [...]},
+pretrain_lr, crop_offset, dense_source. Each is a constant or one of {grid: [...]}, {choice: [...]},
 {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from mixcl_ray.config import METHODS
+from mixcl_ray.config import DENSE_SOURCES, METHODS
 
 DIMENSIONS = {
     "method": str,
@@ -31,6 +31,7 @@ DIMENSIONS = {
     "lr": float,
     "pretrain_lr": float,
     "crop_offset": int,  # views.crop_offset of the pre-training
+    "dense_source": str,  # model.dense_source of the pre-training: decoder | encoder
 }
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = {
@@ -120,6 +121,8 @@ def _check_dimension(path: str, name: str, value) -> None:
     for v in values:
         if kind is str and name == "method" and v not in METHODS:
             raise SpaceError(f"{path}: method {v!r} is not one of {sorted(METHODS)}")
+        if name == "dense_source" and v not in DENSE_SOURCES:
+            raise SpaceError(f"{path}: dense_source {v!r} is not one of {list(DENSE_SOURCES)}")
         if kind in (float, int) and not isinstance(v, int | float):
             raise SpaceError(f"{path}: {name}: {v!r} is not a number")
         if name in ("label_fraction", "pretrain_label_fraction") and not 0 <= v <= 1:

@@ -41,6 +41,8 @@ def pretrain_overrides(sample: dict, fixed: dict) -> dict | None:
         over["pretrain_label_fraction"] = sample["pretrain_label_fraction"]
     if "crop_offset" in sample:
         over = _deep(over, {"views": {"crop_offset": int(sample["crop_offset"])}})
+    if "dense_source" in sample:
+        over = _deep(over, {"model": {"dense_source": sample["dense_source"]}})
     return over
 
 
@@ -93,6 +95,7 @@ def trial_params(sample: dict, pre_cfg, ft_cfg, ctx: dict) -> dict:
         "temperature_label": loss.temperature_label if loss else "",
         "pretrain_label_fraction": pre_cfg.pretrain_label_fraction if pre_cfg else "",
         "crop_offset": pre_cfg.views.crop_offset if pre_cfg else "",
+        "dense_source": pre_cfg.model.dense_source if pre_cfg else "",
         "label_fraction": ft_cfg.label_fraction,
         "seed": ft_cfg.optim.seed,
         "lr": ft_cfg.optim.lr,
@@ -136,6 +139,7 @@ def pretrain_params(pre_cfg, ctx: dict, key: str) -> dict:
         "seed": pre_cfg.optim.seed,
         "lr": pre_cfg.optim.lr,
         "crop_offset": pre_cfg.views.crop_offset,
+        "dense_source": pre_cfg.model.dense_source,
         "pretrain_label_fraction": pre_cfg.pretrain_label_fraction,
         "target_images": pre_cfg.target_images,
         "patch_size": "x".join(str(s) for s in pre_cfg.patches.patch_size),

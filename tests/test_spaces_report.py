@@ -56,6 +56,7 @@ def test_shipped_spaces_are_valid(name):
         ("space: [1, 2\n", "not valid YAML"),
         ("space: {seed: 0}\nsearch_seed: 1.5\n", "search_seed must be a non-negative integer"),
         ("space: {crop_offset: {grid: [0, 2.5]}}\n", "crop_offset: 2.5 is not a whole number"),
+        ("space: {dense_source: bottleneck}\n", "dense_source 'bottleneck' is not one of"),
     ],
 )
 def test_space_errors_name_the_file_and_the_key(tmp_path, text, message):
@@ -311,6 +312,22 @@ def test_crop_offset_dimension_sets_the_pretraining_views_and_is_a_param():
     assert trial_params({"method": "mixcl"}, pre, ft, ctx)["crop_offset"] == 6
     assert trial_params({"method": "scratch"}, None, ft, ctx)["crop_offset"] == ""
     assert pretrain_overrides({"method": "scratch", "crop_offset": 6}, {}) is None
+
+
+def test_dense_source_dimension_sets_the_pretraining_model_and_is_a_param():
+    from mixcl_ray.train_config import load_config
+    from mixcl_ray.trial import pretrain_overrides, trial_params
+
+    fixed = {"model": {"dense_dim": 16}}
+    over = pretrain_overrides({"method": "label", "dense_source": "encoder"}, fixed)
+    pre = load_config("pretrain", overrides=over)
+    assert (pre.model.dense_source, pre.model.dense_dim) == ("encoder", 16)
+    ft = load_config("finetune")
+    ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
+    assert trial_params({"method": "label"}, pre, ft, ctx)["dense_source"] == "encoder"
+    assert trial_params({"method": "scratch"}, None, ft, ctx)["dense_source"] == ""
+    default = load_config("pretrain", overrides=pretrain_overrides({"method": "mixcl"}, {}))
+    assert default.model.dense_source == "decoder"
 
 
 def test_concurrent_trials_share_the_cpus_between_them():
