@@ -2,9 +2,10 @@
 
 Both return two feature maps: the bottleneck (for the global head) and the last decoder level
 (for the dense and reconstruction heads, and for segmentation); ``forward_levels`` adds the
-encoder's feature maps, finest first (for a dense head on the encoder, ``dense_source``). The UNet is assembled from
-MONAI's BasicUNet blocks and the SwinUNETR from MONAI's SwinUNETR modules; only their grouping
-changes, so that weights load by the prefixes ``encoder.`` and ``decoder.``.
+encoder's five levels, finest first (for the dense head on the encoder, ``dense_source``).
+The UNet is assembled from MONAI's BasicUNet blocks and the SwinUNETR from MONAI's SwinUNETR
+modules; only their grouping changes, so that weights load by the prefixes ``encoder.`` and
+``decoder.``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from monai.networks.nets import BasicUNet, SwinUNETR
 from torch import nn
 
 from mixcl_ray.config import ModelConfig
+
+# bottleneck, last decoder level (None without decoding), the encoder's levels finest first
+Levels = tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]
 
 
 class UNetBackbone(nn.Module):
@@ -48,7 +52,7 @@ class UNetBackbone(nn.Module):
         (None when ``decode`` is False: the identity head alone needs no decoder)."""
         return self.forward_levels(x, decode)[:2]
 
-    def forward_levels(self, x: torch.Tensor, decode: bool = True):
+    def forward_levels(self, x: torch.Tensor, decode: bool = True) -> Levels:
         """``forward``'s two maps and the encoder's five levels (F0 at D ... F4 at D/16)."""
         e = self.encoder
         x0 = e["conv_0"](x)
@@ -98,7 +102,7 @@ class SwinBackbone(nn.Module):
         """x: (B, C, D, H, W) -> bottleneck (B, 16F, D/32, ...), decoder (B, F, D, H, W) or None."""
         return self.forward_levels(x, decode)[:2]
 
-    def forward_levels(self, x: torch.Tensor, decode: bool = True):
+    def forward_levels(self, x: torch.Tensor, decode: bool = True) -> Levels:
         """``forward``'s two maps and the encoder's five levels (F at D, F at D/2, 2F at D/4,
         4F at D/8, 16F at D/32)."""
         e, d = self.encoder, self.decoder
