@@ -28,6 +28,7 @@ SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
         "finetune_search",
         "cropped_views",
         "mixcl_balance",
+        "encoder_label_term",
     ],
 )
 def test_shipped_spaces_are_valid(name):
