@@ -42,8 +42,11 @@ Path(sys.argv[1] + ".started").write_text("")
 time.sleep(60)
 """
 
+# as in a terminal, Ctrl-C raises KeyboardInterrupt in the wrapper, even when this test run
+# inherited SIGINT ignored (a background job of a shell)
 WRAPPER = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, sys.argv[1])
 import common
 common.run_sweep([sys.executable, "-c", sys.argv[2], sys.argv[3]], "continue with --resume")
