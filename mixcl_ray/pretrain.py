@@ -200,14 +200,21 @@ def run_pretraining(
 # its end up to 2 s late. Measured (an empty 2-worker fit on 2 CPUs, 3 in a row): 14.4-15.9 s
 # at 2 s, 11.1-11.5 s at 0.5 s (after the first). One status call per worker every 0.5 s.
 TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+# Ray Train starts one more actor process per fit, a watcher that polls for draining nodes and
+# hands the news to ``ray.train.get_preemption_info()``, which no mixcl_ray loop reads (a lost
+# node restarts the group from its last checkpoint either way). Each actor process costs about
+# 1.5 CPU-seconds to start (Python, Ray, Ray Train's modules), paid while the fit's workers start.
+PREEMPTION_ENV, PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"
+# what every process of the job gets unless this process's environment sets it
+JOB_ENV_DEFAULTS = {TRAIN_POLL_ENV: TRAIN_POLL_S, PREEMPTION_ENV: PREEMPTION_WATCHER}
 
 
 def init_ray(address: str | None = None, **ray_init) -> None:
     """Start (or join) Ray as every mixcl_ray process does: quiet logs, and for every process
     of the job (on every node) the setup hook that makes Ray Data re-read its limits often
-    (``RAY_RUNTIME_ENV``) and Ray Train's 0.5 s poll (``TRAIN_POLL_ENV``; an interval set in
-    this process's environment wins). ``ray_init``: more ``ray.init`` arguments
-    (``num_cpus``, ``include_dashboard``, ...), overriding those."""
+    (``RAY_RUNTIME_ENV``), Ray Train's 0.5 s poll and no preemption watcher
+    (``JOB_ENV_DEFAULTS``; a value set in this process's environment wins). ``ray_init``: more
+    ``ray.init`` arguments (``num_cpus``, ``include_dashboard``, ...), overriding those."""
     import logging
 
     import ray
@@ -217,7 +224,7 @@ def init_ray(address: str | None = None, **ray_init) -> None:
     if not ray.is_initialized():
         runtime_env = {
             **RAY_RUNTIME_ENV,
-            "env_vars": {TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)},
+            "env_vars": {k: os.environ.get(k, v) for k, v in JOB_ENV_DEFAULTS.items()},
         }
         options = dict(logging_level="WARNING", log_to_driver=False, runtime_env=runtime_env)
         ray.init(address=address, **{**options, **ray_init})

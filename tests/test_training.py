@@ -307,15 +307,18 @@ def test_every_ray_process_rereads_the_data_limits_often_and_polls_train_workers
     probe = Probe.remote()
     assert ray.get(probe.interval.remote()) == LIMITS_REFRESH_S
     ray.kill(probe)
-    # and Ray Train's controller (an actor of the job) polls its workers every 0.5 s
-    from mixcl_ray.pretrain import TRAIN_POLL_ENV
+    # and Ray Train's controller (an actor of the job) polls its workers every 0.5 s and
+    # starts no preemption watcher
+    from mixcl_ray.pretrain import PREEMPTION_ENV, TRAIN_POLL_ENV
 
-    def poll():
+    def env(name):
         import os
 
-        return os.environ.get(TRAIN_POLL_ENV)
+        return os.environ.get(name)
 
-    assert ray.get(ray.remote(num_cpus=0)(poll).remote()) == "0.5"
+    job_env = ray.remote(num_cpus=0)(env)
+    assert ray.get(job_env.remote(TRAIN_POLL_ENV)) == "0.5"
+    assert ray.get(job_env.remote(PREEMPTION_ENV)) == "0"
 
 
 def test_views_cropped_apart_ship_a_label_per_view_and_must_overlap():
