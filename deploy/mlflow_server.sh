@@ -13,7 +13,11 @@
 # proxy or on a private network. The database password goes in ~/.pgpass (or PGPASSWORD),
 # object-store keys in the usual AWS_*/GOOGLE_APPLICATION_CREDENTIALS variables or the
 # instance role: never on this command line, where `ps` shows them.
+# MLflow's job runner (GenAI evaluation jobs and the like, which mixcl_ray never submits) is off
+# unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true: it starts six more processes of about 240 MB
+# each, which poll their queues while idle.
 set -euo pipefail
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 root="${MLFLOW_ROOT:-$HOME/mlflow}"
 mkdir -p "$root"
 backend="${MLFLOW_BACKEND_URI:-sqlite:///$root/mlflow.db}"

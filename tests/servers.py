@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,21 @@ def wait_for_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 
             time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     pytest.fail(f"{what} did not answer {url} within {timeout:.0f} s")
+
+
+MLFLOW_RECIPE = Path(__file__).resolve().parents[1] / "deploy" / "mlflow_server.sh"
+
+
+def mlflow_recipe_env(root: Path, port: int) -> dict[str, str]:
+    """The environment that runs the deploy recipe (``MLFLOW_RECIPE``) with one worker on
+    ``port``, its database and artifacts under ``root``, with this interpreter's mlflow."""
+    return dict(
+        os.environ,
+        MLFLOW_ROOT=str(root),
+        MLFLOW_PORT=str(port),
+        MLFLOW_WORKERS="1",
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
 
 
 def start_server(argv: list[str], url: str, what: str, timeout: float = 120, **kwargs):

@@ -8,7 +8,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 from importlib import import_module
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import ray
 import yaml
 
-from tests.servers import free_port, wait_for_http
+from tests.servers import MLFLOW_RECIPE, free_port, mlflow_recipe_env, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -129,15 +128,9 @@ def test_readme_cluster_commands_run_in_the_package():
 @pytest.mark.slow
 def test_mlflow_server_recipe_binds_to_localhost(tmp_path):
     port = free_port()
-    env = dict(
-        os.environ,
-        MLFLOW_ROOT=str(tmp_path),
-        MLFLOW_PORT=str(port),
-        MLFLOW_WORKERS="1",
-        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    )
+    env = mlflow_recipe_env(tmp_path, port)
     refused = subprocess.run(
-        ["bash", str(DEPLOY / "mlflow_server.sh")],
+        ["bash", str(MLFLOW_RECIPE)],
         env=dict(env, MLFLOW_BACKEND_URI="postgresql://mlflow:hunter2@db/mlflow"),
         capture_output=True,
         text=True,
@@ -145,7 +138,7 @@ def test_mlflow_server_recipe_binds_to_localhost(tmp_path):
     )
     assert refused.returncode == 2 and "PGPASSWORD" in refused.stderr
     proc = subprocess.Popen(
-        ["bash", str(DEPLOY / "mlflow_server.sh")],
+        ["bash", str(MLFLOW_RECIPE)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -161,6 +154,9 @@ def test_mlflow_server_recipe_binds_to_localhost(tmp_path):
             if c.status == psutil.CONN_LISTEN
         ]
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+        # and without MLflow's job runner (its consumer processes) unless asked for
+        commands = [" ".join(p.cmdline()) for p in tree.children(recursive=True)]
+        assert commands and not [c for c in commands if "huey" in c], commands
         assert (tmp_path / "mlflow.db").exists()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -19,7 +19,15 @@ from mlflow import MlflowClient
 
 from data_prep import locations
 from mixcl_ray.tracking import CODE_TAG, code_version
-from tests.servers import S3_BUCKET, S3_SECRET, free_port, start_server, stop_server
+from tests.servers import (
+    MLFLOW_RECIPE,
+    S3_BUCKET,
+    S3_SECRET,
+    free_port,
+    mlflow_recipe_env,
+    start_server,
+    stop_server,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800), pytest.mark.usefixtures("ray_paused")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,28 +64,16 @@ def mlflow_server_folder(url: str) -> Path:
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
+    """The deploy recipe's tracking server (SQLite, proxied artifacts, 127.0.0.1, no job
+    runner), one worker."""
     folder = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{folder / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(folder / "art"),
-        ],
+        ["bash", str(MLFLOW_RECIPE)],
         f"{url}/health",
         "mlflow server",
+        env=mlflow_recipe_env(folder, port),
     )
     _SERVER_FOLDERS[url] = folder
     yield url
