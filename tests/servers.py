@@ -42,14 +42,17 @@ MLFLOW_RECIPE = Path(__file__).resolve().parents[1] / "deploy" / "mlflow_server.
 
 def mlflow_recipe_env(root: Path, port: int) -> dict[str, str]:
     """The environment that runs the deploy recipe (``MLFLOW_RECIPE``) with one worker on
-    ``port``, its database and artifacts under ``root``, with this interpreter's mlflow."""
-    return dict(
+    ``port``, its database and artifacts under ``root``, with this interpreter's mlflow and
+    the recipe's own choice of MLflow's job runner."""
+    env = dict(
         os.environ,
         MLFLOW_ROOT=str(root),
         MLFLOW_PORT=str(port),
         MLFLOW_WORKERS="1",
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     )
+    env.pop("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", None)
+    return env
 
 
 def start_server(argv: list[str], url: str, what: str, timeout: float = 120, **kwargs):
