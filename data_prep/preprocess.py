@@ -8,19 +8,16 @@ clip + z-score.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from monai.data import MetaTensor
-from monai.transforms import (
-    Compose,
-    CropForegroundd,
-    NormalizeIntensityd,
-    Orientationd,
-    ScaleIntensityRanged,
-    ScaleIntensityRangePercentilesd,
-    Spacingd,
-)
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
+
+# torch and MONAI are imported where a case is transformed: the presets are read by every
+# ``python -m data_prep`` command (``--help`` included), and ``import monai`` alone takes
+# about 3.5 s (MONAI imports all of its submodules)
 
 DEFAULT_SPACING = (1.5, 1.5, 2.0)
 
@@ -72,6 +69,16 @@ class _Above:
 
 
 def build_transforms(preset: Preset, modality: str, with_label: bool) -> Compose:
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        NormalizeIntensityd,
+        Orientationd,
+        ScaleIntensityRanged,
+        ScaleIntensityRangePercentilesd,
+        Spacingd,
+    )
+
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
     steps = [
@@ -120,6 +127,9 @@ def preprocess_arrays(
     image: (X, Y, Z) float32 in scanner units; label: (X, Y, Z) uint8 or None.
     Returns image (X', Y', Z') float32, label (X', Y', Z') uint8 or None, and the new affine.
     """
+    import torch
+    from monai.data import MetaTensor
+
     modality = preset.modality or modality
     data = {"image": MetaTensor(torch.from_numpy(image)[None], affine=torch.as_tensor(affine))}
     if label is not None:

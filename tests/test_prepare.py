@@ -231,6 +231,21 @@ def test_inspect_cli_summarises(prepared_benchmark):
         assert expected in text
 
 
+def test_the_cli_imports_torch_and_monai_only_to_transform_cases():
+    """``python -m data_prep --help``, ``inspect`` and ``synthetic`` answer without the 3-5 s
+    that importing torch and MONAI takes; the transforms import them where they run."""
+    code = (
+        "import sys\n"
+        "import data_prep.cli, data_prep.prepare, data_prep.preprocess\n"
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n"
+        "data_prep.preprocess.build_transforms(data_prep.preprocess.get_preset('ct'), 'CT', True)\n"
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["[]", "['monai', 'torch']"], proc.stdout
+
+
 def test_prepare_shuts_down_the_ray_it_started(tmp_path):
     """A caller that prepares data, then starts Ray its own way (another address, other
     resources, as the sweep and the benchmarks do), must not find prepare's instance."""
