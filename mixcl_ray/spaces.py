@@ -4,7 +4,7 @@ A space file names the data, the preset, fixed overrides of each stage, the reso
 trial, the scheduler and search algorithm, and the searched dimensions. Dimensions use one
 flat vocabulary (the same names are MLflow params): method, l_id, l_label, l_rec,
 temperature_id, temperature_label, pretrain_label_fraction, label_fraction, seed, lr,
-pretrain_lr, crop_offset, dense_source. Each is a constant or one of {grid: [...]}, {choice: [...]},
+pretrain_lr, crop_offset, dense_source, pretrained_lr_scale. Each is a constant or one of {grid: [...]}, {choice: [...]},
 {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}.
 """
 
@@ -32,6 +32,7 @@ DIMENSIONS = {
     "pretrain_lr": float,
     "crop_offset": int,  # views.crop_offset of the pre-training
     "dense_source": str,  # model.dense_source of the pre-training: decoder | encoder
+    "pretrained_lr_scale": float,  # fine-tuning's rate of the loaded parameters, x lr
 }
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = {

@@ -166,6 +166,10 @@ class FinetuneConfig:
     # the encoder only by default: with the pre-trained decoder loaded as well, every pre-trained
     # start fine-tuned worse on the built-in benchmark (README, Benchmarks: label efficiency)
     load_decoder: bool = False
+    # learning rate of the pre-trained (loaded) parameters as a multiple of optim.lr; 1: every
+    # parameter alike. A fresh decoder's first gradients otherwise reshape the pre-trained
+    # encoder at the full rate. No effect on a run from scratch (nothing loaded)
+    pretrained_lr_scale: float = 1.0
     # small label fractions repeat their cases up to this many patches an epoch; "full": up to
     # what all the source's labelled training cases make, the same number of steps at every
     # label fraction
@@ -192,6 +196,10 @@ class FinetuneConfig:
         _check(
             m == "full" or (isinstance(m, int) and not isinstance(m, bool) and m > 0),
             f"min_patches_per_epoch must be a positive integer or 'full', got {m!r}",
+        )
+        _check(
+            self.pretrained_lr_scale > 0,
+            f"pretrained_lr_scale must be > 0, got {self.pretrained_lr_scale}",
         )
 
 

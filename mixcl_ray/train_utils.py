@@ -19,8 +19,17 @@ from mixcl_ray.train_config import OptimConfig, ScalingSettings
 STATE_FILE = "state.pt"
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+def build_optimizer(
+    model: torch.nn.Module, optim: OptimConfig, scaled=(), lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
+    """AdamW at ``optim.lr``; the parameters in ``scaled`` (e.g. the pre-trained ones) form a
+    second group at ``lr_scale`` times that rate, which the schedule scales alike."""
+    slow = {id(p) for p in scaled} if lr_scale != 1 else set()
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if id(p) not in slow]}]
+    if slow:
+        groups.append({"params": [p for p in params if id(p) in slow], "lr": optim.lr * lr_scale})
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
 def build_scheduler(

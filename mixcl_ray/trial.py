@@ -56,6 +56,8 @@ def finetune_overrides(sample: dict, fixed: dict) -> dict:
     )
     if "lr" in sample:
         over = _deep(over, {"optim": {"lr": sample["lr"]}})
+    if "pretrained_lr_scale" in sample:
+        over["pretrained_lr_scale"] = sample["pretrained_lr_scale"]
     return over
 
 
@@ -102,6 +104,7 @@ def trial_params(sample: dict, pre_cfg, ft_cfg, ctx: dict) -> dict:
         "pretrain_epochs": pre_cfg.optim.epochs if pre_cfg else 0,
         "finetune_epochs": ft_cfg.optim.epochs,
         "load_decoder": ft_cfg.load_decoder if pre_cfg else "",
+        "pretrained_lr_scale": ft_cfg.pretrained_lr_scale if pre_cfg else "",
         "preset": ctx["preset"],
         "data_fingerprint": ctx["fingerprint"][:16],
         "workers": ft_cfg.scaling.workers,

@@ -429,3 +429,35 @@ def test_a_new_sweep_of_a_space_trains_its_trials_anew(ray_session, prepared_ben
     assert [(m.step, m.value) for m in history] == [
         (0, lost.data.metrics["val/dice_mean"])
     ]  # the epoch its checkpoint recorded
+
+
+def test_pretrained_lr_scale_slows_the_loaded_parameters_only():
+    """``pretrained_lr_scale``: the loaded parameters train at that multiple of the rate, the
+    schedule scaling both groups alike; at 1 (the default) there is one group, as before. As a
+    space dimension it sets the fine-tuning and is a param ("" for scratch, nothing loaded)."""
+    from mixcl_ray.models import SegmentationNet
+    from mixcl_ray.train_config import load_config
+    from mixcl_ray.train_utils import build_optimizer, build_scheduler
+    from mixcl_ray.trial import finetune_overrides, trial_params
+
+    ft = load_config("finetune", overrides=finetune_overrides({"pretrained_lr_scale": 0.1}, {}))
+    assert ft.pretrained_lr_scale == 0.1 and load_config("finetune").pretrained_lr_scale == 1
+    net = SegmentationNet(ft.model, 2)
+    loaded = list(net.backbone.encoder.parameters())
+    optimizer = build_optimizer(net, ft.optim, loaded, ft.pretrained_lr_scale)
+    fast, slow = optimizer.param_groups
+    assert {id(p) for p in slow["params"]} == {id(p) for p in loaded}
+    assert len(fast["params"]) + len(slow["params"]) == len(list(net.parameters()))
+    scheduler = build_scheduler(optimizer, ft.optim, steps_per_epoch=10)
+    for _ in range(7):
+        optimizer.step()
+        scheduler.step()
+        main, pre = scheduler.get_last_lr()
+        assert pre == pytest.approx(0.1 * main) and main > 0
+    assert len(build_optimizer(net, ft.optim, loaded, 1.0).param_groups) == 1
+    ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
+    pre = load_config("pretrain")
+    assert trial_params({"method": "mixcl"}, pre, ft, ctx)["pretrained_lr_scale"] == 0.1
+    assert trial_params({"method": "scratch"}, None, ft, ctx)["pretrained_lr_scale"] == ""
+    with pytest.raises(ValueError, match="pretrained_lr_scale must be > 0"):
+        load_config("finetune", overrides={"pretrained_lr_scale": 0})

@@ -139,8 +139,11 @@ def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path
         theirs = getattr(seg.backbone, part).state_dict()
         for k, v in getattr(source.backbone, part).state_dict().items():
             assert torch.equal(v, theirs[k]), k
+    slow = tmp_path / "slow.yaml"  # the loaded encoder fine-tuned at a tenth of the rate
+    slow.write_text("pretrained_lr_scale: 0.1\n")
     args = f"--label-fraction 0.5 --epochs 1 --workers 1 --storage {tmp_path}".split()
     args += ["--data", str(prepared_benchmark), "--pretrained", str(pretrained.checkpoint)]
+    args += ["--config", str(slow)]
     proc = subprocess.run(
         [sys.executable, "-m", "mixcl_ray.finetune", *args],
         capture_output=True,
@@ -152,6 +155,7 @@ def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path
     assert f"pre-trained weights: {report.summary()}" in out and "missing" not in report.summary()
     m = json.loads(re.search(r"^\{$.*?^\}$", out, re.S | re.M).group(0))
     assert m["pretrained/loaded_tensors"] == len(report.loaded) == 40
+    assert m["train/lr_pretrained"] == pytest.approx(0.1 * m["train/lr"])
     assert "val/dice/spleen" in m and m["val/dice_mean"] == pytest.approx(m["val/dice/spleen"])
     best_file = Path(re.search(r"best weights (\S+)$", out.strip()).group(1))
     assert "fine-tuning finetune-" in out and best_file.exists()
