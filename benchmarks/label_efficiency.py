@@ -178,6 +178,7 @@ def record(
             "run_id": r["run_id"],
             "commit": r.get("commit") or commit,
             "weights": r.get("weights"),
+            "hardware": r.get("hardware"),
         }
         for r in rows
     ]
@@ -282,9 +283,10 @@ def latest_rows(tracking_uri: str, experiment: str, since: float | None = None) 
 
 def report(rows: list[dict], out_dir: Path) -> None:
     from mixcl_ray.plots import label_efficiency_png
-    from mixcl_ray.report import render_table, summarise
+    from mixcl_ray.report import hardware_line, render_table, summarise
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    print(hardware_line(rows))
     for key, name in (("val", "validation"), ("test", "test")):
         summary = summarise(rows, key)
         print()

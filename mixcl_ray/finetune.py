@@ -51,6 +51,7 @@ def finetune_loop(loop_config: dict) -> None:
         build_scheduler,
         epoch_batches,
         grad_scaler,
+        hardware,
         load_checkpoint_state,
         optimizer_step,
         restore_state,
@@ -63,6 +64,7 @@ def finetune_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    computed_on = hardware(device)  # recorded in every checkpoint
     torch.manual_seed(cfg.optim.seed + rank)
     names = loop_config["class_names"]
     model = SegmentationNet(cfg.model, num_classes=len(names))
@@ -167,7 +169,7 @@ def finetune_loop(loop_config: dict) -> None:
                 scaler,
                 epoch,
                 step,
-                extra={"best": best, "history": history},
+                extra={"best": best, "history": history, "hardware": computed_on},
             )
             if improved:
                 weights = unwrap(model).state_dict()
@@ -197,6 +199,7 @@ class FinetuneResult:
     history: list[dict]
     load_summary: str | None
     name: str
+    hardware: str | None = None  # what rank 0 trained on (None: a checkpoint from before)
 
 
 def run_finetuning(
@@ -263,11 +266,17 @@ def run_finetuning(
         "torch_threads": max(1, int(per_worker)),
         "fail_after_epoch": fail_after_epoch,
     }
-    folder, metrics, history = fit_stage(
+    folder, metrics, extra = fit_stage(
         finetune_loop, loop_config, config, per_worker, storage, name, callbacks, dataset
     )
     return FinetuneResult(
-        folder, locations.join(folder, BEST_FILE), metrics, history, summary, name
+        folder,
+        locations.join(folder, BEST_FILE),
+        metrics,
+        extra.get("history", []),
+        summary,
+        name,
+        extra.get("hardware"),
     )
 
 
@@ -339,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}, indent=1)
     )
+    print(f"trained on: {result.hardware}")
     print(
         f"fine-tuning {result.name} done: best validation Dice {m.get('val/best_dice_mean', float('nan')):.4f}, "
         f"final {m.get('val/dice_mean', float('nan')):.4f}; best weights {describe(result.best_model)}"

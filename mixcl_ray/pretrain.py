@@ -40,6 +40,7 @@ def pretrain_loop(loop_config: dict) -> None:
         build_scheduler,
         epoch_batches,
         grad_scaler,
+        hardware,
         load_checkpoint_state,
         optimizer_step,
         restore_state,
@@ -52,6 +53,7 @@ def pretrain_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    computed_on = hardware(device)  # recorded in every checkpoint
     torch.manual_seed(cfg.optim.seed + rank)
     generator = torch.Generator().manual_seed(cfg.optim.seed * 1000 + rank)
     model = MixCLModel(cfg.model)
@@ -124,7 +126,14 @@ def pretrain_loop(loop_config: dict) -> None:
         if rank == 0:
             history.append(metrics)
             state = training_state(
-                model, optimizer, scheduler, scaler, epoch, step, generator, {"history": history}
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                epoch,
+                step,
+                generator,
+                {"history": history, "hardware": computed_on},
             )
             folder = save_checkpoint_dir(
                 state, {PRETRAINED_FILE: lambda p: save_pretrained(model, p, to_dict(cfg.model))}
@@ -149,6 +158,7 @@ class PretrainResult:
     history: list[dict]
     storage: Location
     name: str
+    hardware: str | None = None  # what rank 0 trained on (None: a checkpoint from before)
 
 
 def run_pretraining(
@@ -188,11 +198,17 @@ def run_pretraining(
         "torch_threads": max(1, int(per_worker)),
         "fail_after_epoch": fail_after_epoch,
     }
-    folder, metrics, history = fit_stage(
+    folder, metrics, extra = fit_stage(
         pretrain_loop, loop_config, config, per_worker, storage, name, callbacks, dataset
     )
     return PretrainResult(
-        folder, locations.join(folder, PRETRAINED_FILE), metrics, history, storage, name
+        folder,
+        locations.join(folder, PRETRAINED_FILE),
+        metrics,
+        extra.get("history", []),
+        storage,
+        name,
+        extra.get("hardware"),
     )
 
 
@@ -311,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}, indent=1)
     )
+    print(f"trained on: {result.hardware}")
     print(f"pre-training {result.name} done: final checkpoint {describe(result.checkpoint)}")
     print(f"pre-trained weights for fine-tuning: {describe(result.pretrained)}")
     return 0

@@ -53,6 +53,7 @@ def collect(
                 "val": m.get("val/best_dice_mean", float("nan")),
                 "run_id": run.info.run_id,
                 "commit": run.data.tags.get(tracking.CODE_TAG),  # None before it was tagged
+                "hardware": run.data.tags.get(tracking.HARDWARE_TAG),  # the fine-tuning's
                 # the pre-training's (l_id, l_label, l_rec); zeros for scratch
                 "weights": [float(p.get(k, 0.0)) for k in ("l_id", "l_label", "l_rec")],
             }
@@ -98,6 +99,18 @@ def render_table(summary: dict, split: str = "Test-split") -> str:
     return "\n".join(lines)
 
 
+def hardware_line(cells: list[dict]) -> str:
+    """What the cells were fine-tuned on; a warning when they mix kinds of machine."""
+    kinds = sorted({c.get("hardware") or "not recorded" for c in cells})
+    if len(kinds) == 1:
+        return f"fine-tuned on: {kinds[0]}"
+    return (
+        f"the cells were fine-tuned on {len(kinds)} kinds of machine ({'; '.join(kinds)}): a "
+        "seed's cell can differ between kinds by more than the methods do (README, Benchmarks: "
+        "label efficiency), so compare cells of one kind"
+    )
+
+
 def make_report(
     uri: str, experiment: str, out_dir: str | Path, parent_id: str | None = None
 ) -> tuple[str, Path]:
@@ -109,7 +122,7 @@ def make_report(
             f"no finished trial with {REPORT_METRIC} in the latest sweep of {experiment!r}"
         )
     summary = summarise(rows)
-    text = render_table(summary)
+    text = render_table(summary) + "\n\n" + hardware_line(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(text + "\n")

@@ -19,6 +19,9 @@ STOPPED_TAG = "mixcl.stopped"
 TRIAL_ID_TAG = "mixcl.tune_trial_id"
 RESUMED_TAG = "mixcl.resumed_from"
 CODE_TAG = "mixcl.code_version"  # the commit a sweep's driver ran, on its runs
+# what a stage's rank 0 computed on (GPU, or CPU model and vector instructions; torch build):
+# one seed gives the same result on one kind of machine only
+HARDWARE_TAG = "mixcl.hardware"
 SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "access_key", "credential")
 
 
@@ -230,9 +233,11 @@ def fail_run(uri: str, run_id: str, err: BaseException) -> None:
 
 
 def set_tags(uri: str, run_id: str, tags: dict) -> None:
+    """Each tag as text; a None value (not known) is left out."""
     client = _client(uri)
     for key, value in tags.items():
-        client.set_tag(run_id, key, str(value))
+        if value is not None:
+            client.set_tag(run_id, key, str(value))
 
 
 def child_runs(uri: str, experiment_id: str, parent_id: str) -> list:

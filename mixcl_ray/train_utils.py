@@ -32,6 +32,31 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what Python's platform knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: torch.device) -> str:
+    """What a stage computed on: the GPU, else the CPU model and the vector instructions torch's
+    kernels use there, and torch's build. One seed gives the same weights on one kind of machine,
+    not across kinds (other kernels round otherwise), so results record it."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
+    return f"{name}, torch {torch.__version__}"
+
+
 def build_scheduler(
     optimizer, optim: OptimConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -194,7 +219,8 @@ def data_config(deterministic: bool, object_store_mb: int = 0):
 def fit_stage(
     loop, loop_config: dict, config, per_worker_cpus: float, storage, name: str, callbacks, dataset
 ) -> tuple:
-    """Run one Ray Train stage; returns (last checkpoint folder, last metrics, epoch history).
+    """Run one Ray Train stage; returns (last checkpoint folder, last metrics, the last
+    checkpoint's ``extra``: the epoch history, the hardware, what the stage kept).
     ``storage`` may be an object-store URI; the folder returned is then a URI too.
 
     Re-running with the same storage and name resumes from the last checkpoint; a worker
@@ -231,5 +257,5 @@ def fit_stage(
 
     folder = locations.join(storage, name, Path(result.checkpoint.path).name)
     with result.checkpoint.as_directory() as local:
-        history = load_checkpoint_state(local)["extra"].get("history", [])
-    return folder, dict(result.metrics or {}), history
+        extra = load_checkpoint_state(local)["extra"]
+    return folder, dict(result.metrics or {}), extra

@@ -190,7 +190,11 @@ def cached_pretraining(pre_cfg, ctx: dict, owner: str = "") -> tuple[Path, str, 
             name=key,
             callbacks=[tracking.EpochMetricsCallback(ctx["uri"], run_id)],
         )
-        tracking.set_tags(ctx["uri"], run_id, {"checkpoint": describe(result.checkpoint)})
+        tracking.set_tags(
+            ctx["uri"],
+            run_id,
+            {"checkpoint": describe(result.checkpoint), tracking.HARDWARE_TAG: result.hardware},
+        )
         tracking.end_run(ctx["uri"], run_id)
         locations.write_text(
             done,
@@ -373,6 +377,7 @@ def run_trial(config: dict, sweep: dict) -> None:
             {
                 "best_checkpoint": describe(result.best_model),
                 "load_report": result.load_summary or "",
+                tracking.HARDWARE_TAG: result.hardware,
             },
         )
         tracking.end_run(uri, run_id, "FINISHED")

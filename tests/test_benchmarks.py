@@ -290,3 +290,34 @@ def test_label_efficiency_records_only_a_sweep_of_its_own_run(tmp_path, monkeypa
     assert row["commit"] == "abc1234"
     assert latest_rows(uri, "study", since=time.time() + 1) == []  # began before this run
     assert latest_rows(uri, "missing experiment") == []
+
+
+def test_label_efficiency_cells_name_their_machine_and_mixed_machines_are_said(
+    tmp_path, monkeypatch
+):
+    """One seed's cell differs between kinds of machine (other kernels round otherwise), so every
+    cell records what it was fine-tuned on and the report says when a table mixes kinds."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import torch
+    from label_efficiency import record, settings_key, space_file
+
+    from mixcl_ray.report import hardware_line
+    from mixcl_ray.train_utils import cpu_model, hardware
+
+    here = hardware(torch.device("cpu"))
+    assert here.startswith(cpu_model()) and torch.__version__ in here
+    assert torch.backends.cpu.get_cpu_capability() in here
+    key = settings_key(space_file("label_efficiency"), None)
+    row = {"method": "scratch", "label_fraction": 0.05, "val": 0.3, "test": 0.2, "run_id": "a"}
+    row["weights"] = [0.0, 0.0, 0.0]
+    results = tmp_path / "results.json"
+    cells = record(results, "exp", key, [{**row, "seed": "0", "hardware": here}])
+    assert cells[0]["hardware"] == here
+    assert hardware_line(cells) == f"fine-tuned on: {here}"
+    other = "NVIDIA H200, torch 2.13.0+cu130"
+    cells = record(
+        results, "exp", key, [{**row, "seed": "1", "hardware": other}, {**row, "seed": "2"}]
+    )
+    line = hardware_line(cells)
+    assert "3 kinds of machine" in line and here in line and other in line
+    assert "not recorded" in line  # a cell from before the hardware was recorded

@@ -29,6 +29,7 @@ SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
         "cropped_views",
         "mixcl_balance",
         "encoder_label_term",
+        "pretrained_lr",
     ],
 )
 def test_shipped_spaces_are_valid(name):
@@ -174,6 +175,7 @@ def test_report_on_known_runs(known_store, tmp_path):
     text, plot = make_report(uri, "known", tmp_path / "report")
     assert "| scratch | 0.350 ± 0.050 (n=2) | 0.800 (n=1) |" in text
     assert "| mixcl | 0.550 ± 0.050 (n=2) [+0.200] | 0.810 (n=1) [+0.010] |" in text
+    assert text.endswith("\nfine-tuned on: not recorded")  # runs from before the tag
     assert plot.exists() and plot.stat().st_size > 1000
     assert (tmp_path / "report/report.md").read_text().strip() == text.strip()
     from mlflow import MlflowClient

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from data_prep import locations
-from mixcl_ray.tracking import CODE_TAG, code_version
+from mixcl_ray.tracking import CODE_TAG, HARDWARE_TAG, code_version
+from mixcl_ray.train_utils import hardware
 from tests.servers import (
     MLFLOW_RECIPE,
     S3_BUCKET,
@@ -185,6 +187,10 @@ def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifac
     assert {t.info.status for t in trials} == {"FINISHED"}
     if (ROOT / ".git").exists():  # a checkout: the sweep and its trials name the code they ran
         assert {t.data.tags.get(CODE_TAG) for t in [*trials, parent]} == {code_version()}
+    # and the hardware their training ran on (this machine's CPU)
+    assert {t.data.tags.get(HARDWARE_TAG) for t in [*trials, *pretrains]} == {
+        hardware(torch.device("cpu"))
+    }
     for t in [*trials, *pretrains, parent]:
         recorded = json.dumps([t.data.params, t.data.tags, t.data.metrics])
         assert PASSWORD not in recorded and "alice" not in recorded
@@ -211,6 +217,8 @@ def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifac
     (tune_name,) = [n for n in locations.list_names(f"{storage}/tune") if not n.endswith(".json")]
     for name in ("report.md", "label_efficiency.png"):
         assert locations.is_file(f"{storage}/report/{tune_name}/{name}")
+    table = locations.read_text(f"{storage}/report/{tune_name}/report.md")
+    assert f"fine-tuned on: {hardware(torch.device('cpu'))}" in table
 
     # resuming reads the sweep state and Tune's experiment back from the bucket; nothing re-runs
     resumed = _tune([*args, "--tracking-uri", with_password, "--resume"])

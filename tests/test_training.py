@@ -27,7 +27,7 @@ from mixcl_ray.finetune import BEST_FILE, run_finetuning
 from mixcl_ray.models import MixCLModel, SegmentationNet, load_pretrained
 from mixcl_ray.pretrain import run_pretraining
 from mixcl_ray.train_config import FinetuneConfig, load_config, merge, to_dict
-from mixcl_ray.train_utils import load_checkpoint_state
+from mixcl_ray.train_utils import hardware, load_checkpoint_state
 
 pytestmark = pytest.mark.slow
 QUICK = {"optim": {"epochs": 1}, "patches": {"patches_per_case": 1, "batch_size": 2}}
@@ -156,6 +156,7 @@ def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path
     m = json.loads(re.search(r"^\{$.*?^\}$", out, re.S | re.M).group(0))
     assert m["pretrained/loaded_tensors"] == len(report.loaded) == 40
     assert m["train/lr_pretrained"] == pytest.approx(0.1 * m["train/lr"])
+    assert f"trained on: {hardware(torch.device('cpu'))}\n" in out
     assert "val/dice/spleen" in m and m["val/dice_mean"] == pytest.approx(m["val/dice/spleen"])
     best_file = Path(re.search(r"best weights (\S+)$", out.strip()).group(1))
     assert "fine-tuning finetune-" in out and best_file.exists()
