@@ -179,6 +179,7 @@ def record(
             "commit": r.get("commit") or commit,
             "weights": r.get("weights"),
             "hardware": r.get("hardware"),
+            "data_fingerprint": r.get("data_fingerprint"),
         }
         for r in rows
     ]

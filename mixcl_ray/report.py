@@ -54,6 +54,8 @@ def collect(
                 "run_id": run.info.run_id,
                 "commit": run.data.tags.get(tracking.CODE_TAG),  # None before it was tagged
                 "hardware": run.data.tags.get(tracking.HARDWARE_TAG),  # the fine-tuning's
+                # the prepared data's (a benchmark generated on another machine may differ)
+                "data_fingerprint": p.get("data_fingerprint"),
                 # the pre-training's (l_id, l_label, l_rec); zeros for scratch
                 "weights": [float(p.get(k, 0.0)) for k in ("l_id", "l_label", "l_rec")],
             }

@@ -311,8 +311,10 @@ def test_label_efficiency_cells_name_their_machine_and_mixed_machines_are_said(
     row = {"method": "scratch", "label_fraction": 0.05, "val": 0.3, "test": 0.2, "run_id": "a"}
     row["weights"] = [0.0, 0.0, 0.0]
     results = tmp_path / "results.json"
-    cells = record(results, "exp", key, [{**row, "seed": "0", "hardware": here}])
-    assert cells[0]["hardware"] == here
+    cells = record(
+        results, "exp", key, [{**row, "seed": "0", "hardware": here, "data_fingerprint": "b" * 16}]
+    )
+    assert (cells[0]["hardware"], cells[0]["data_fingerprint"]) == (here, "b" * 16)
     assert hardware_line(cells) == f"fine-tuned on: {here}"
     other = "NVIDIA H200, torch 2.13.0+cu130"
     cells = record(
