@@ -125,15 +125,9 @@ def pretrain_loop(loop_config: dict) -> None:
             metrics["train/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if rank == 0:
             history.append(metrics)
+            extra = {"history": history, "hardware": computed_on}
             state = training_state(
-                model,
-                optimizer,
-                scheduler,
-                scaler,
-                epoch,
-                step,
-                generator,
-                {"history": history, "hardware": computed_on},
+                model, optimizer, scheduler, scaler, epoch, step, generator, extra
             )
             folder = save_checkpoint_dir(
                 state, {PRETRAINED_FILE: lambda p: save_pretrained(model, p, to_dict(cfg.model))}
