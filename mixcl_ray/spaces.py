@@ -4,8 +4,8 @@ A space file names the data, the preset, fixed overrides of each stage, the reso
 trial, the scheduler and search algorithm, and the searched dimensions. Dimensions use one
 flat vocabulary (the same names are MLflow params): method, l_id, l_label, l_rec,
 temperature_id, temperature_label, pretrain_label_fraction, label_fraction, seed, lr,
-pretrain_lr, crop_offset, dense_source, pretrained_lr_scale. Each is a constant or one of {grid: [...]}, {choice: [...]},
-{uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}.
+pretrain_lr, crop_offset, dense_source, pretrained_lr_scale. Each is a constant or one of
+{grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}.
 """
 
 from __future__ import annotations
