@@ -68,14 +68,16 @@ def finetune_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.optim.seed + rank)
     names = loop_config["class_names"]
     model = SegmentationNet(cfg.model, num_classes=len(names))
-    load_report, loaded = None, []
+    load_report = None
     if loop_config.get("pretrained"):
         load_report = load_pretrained(model, loop_config["pretrained"], parts=cfg.pretrained_parts)
-        loaded = [
-            p for part in cfg.pretrained_parts for p in getattr(model.backbone, part).parameters()
-        ]
+    scaled = [
+        p
+        for part in cfg.scaled_parts(bool(loop_config.get("pretrained")))
+        for p in getattr(model.backbone, part).parameters()
+    ]
     model = ray.train.torch.prepare_model(model)
-    optimizer = build_optimizer(model, cfg.optim, loaded, cfg.pretrained_lr_scale)
+    optimizer = build_optimizer(model, cfg.optim, scaled, cfg.pretrained_lr_scale)
     scheduler = build_scheduler(optimizer, cfg.optim, loop_config["steps_per_epoch"])
     scaler = grad_scaler(device, cfg.scaling.amp)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -132,7 +134,7 @@ def finetune_loop(loop_config: dict) -> None:
         }
         if load_report is not None:
             metrics["pretrained/loaded_tensors"] = len(load_report.loaded)
-        if len(optimizer.param_groups) > 1:  # the loaded parameters' own rate
+        if len(optimizer.param_groups) > 1:  # the loaded (or scale_scratch) parameters' rate
             metrics["train/lr_pretrained"] = scheduler.get_last_lr()[1]
         validate = (epoch + 1) % cfg.val_every == 0 or epoch == cfg.optim.epochs - 1
         if validate:

@@ -168,8 +168,13 @@ class FinetuneConfig:
     load_decoder: bool = False
     # learning rate of the pre-trained (loaded) parameters as a multiple of optim.lr; 1: every
     # parameter alike. A fresh decoder's first gradients otherwise reshape the pre-trained
-    # encoder at the full rate. No effect on a run from scratch (nothing loaded)
+    # encoder at the full rate. No effect on a run from scratch (nothing loaded) unless
+    # scale_scratch
     pretrained_lr_scale: float = 1.0
+    # a control: a run from scratch trains the parts it would have loaded (the encoder, with
+    # load_decoder the decoder too) at pretrained_lr_scale as well. Does a pre-trained encoder
+    # help, or only a slower one?
+    scale_scratch: bool = False
     # small label fractions repeat their cases up to this many patches an epoch; "full": up to
     # what all the source's labelled training cases make, the same number of steps at every
     # label fraction
@@ -182,6 +187,11 @@ class FinetuneConfig:
     def pretrained_parts(self) -> tuple[str, ...]:
         """The backbone parts fine-tuning loads from pre-trained weights."""
         return ("encoder", "decoder") if self.load_decoder else ("encoder",)
+
+    def scaled_parts(self, pretrained: bool) -> tuple[str, ...]:
+        """The backbone parts that train at ``pretrained_lr_scale``: the loaded ones; in a run
+        from scratch (``pretrained`` false), none unless ``scale_scratch``."""
+        return self.pretrained_parts if pretrained or self.scale_scratch else ()
 
     def __post_init__(self):
         _check(

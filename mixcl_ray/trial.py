@@ -104,7 +104,9 @@ def trial_params(sample: dict, pre_cfg, ft_cfg, ctx: dict) -> dict:
         "pretrain_epochs": pre_cfg.optim.epochs if pre_cfg else 0,
         "finetune_epochs": ft_cfg.optim.epochs,
         "load_decoder": ft_cfg.load_decoder if pre_cfg else "",
-        "pretrained_lr_scale": ft_cfg.pretrained_lr_scale if pre_cfg else "",
+        "pretrained_lr_scale": ft_cfg.pretrained_lr_scale
+        if ft_cfg.scaled_parts(bool(pre_cfg))
+        else "",
         "preset": ctx["preset"],
         "data_fingerprint": ctx["fingerprint"][:16],
         "workers": ft_cfg.scaling.workers,

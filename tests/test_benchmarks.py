@@ -152,11 +152,13 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
     import pytest
     import yaml
     from label_efficiency import (
+        RESULTS,
         load_results,
         method_weights,
         missing_cells,
         missing_commands,
         record,
+        results_file,
         seed_space,
         settings_key,
         space_file,
@@ -182,6 +184,21 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
     assert every_seed.space["seed"]["grid"] == [0, 1, 2]
     with pytest.raises(SystemExit, match="no method swav in its grid"):
         seed_space(full, [2], tmp_path, ["swav"])
+    # the target's cells alone: one label fraction of some methods
+    target = load_space(seed_space(full, [0, 1], tmp_path, ["identity"], [0.05]))
+    assert target.name == "label_efficiency-seeds-0-1-identity-labels-5pc"
+    assert target.space["label_fraction"] == {"grid": [0.05]}
+    with pytest.raises(SystemExit, match="no label fraction 0.5 in its grid"):
+        seed_space(full, [0], tmp_path, None, [0.05, 0.5])
+    # another study space keeps its own results file and says so in the commands it gives
+    slow = space_file("label_efficiency_slow_encoder")
+    assert results_file(full) == RESULTS
+    assert results_file(slow) == RESULTS.parent / "label_efficiency_slow_encoder.json"
+    assert settings_key(slow, None) != key
+    assert missing_commands(slow, {"0": {"mixcl": 3}}) == [
+        "python benchmarks/label_efficiency.py --space label_efficiency_slow_encoder "
+        "--seeds 0 --methods mixcl"
+    ]
 
     results = tmp_path / "results.json"
     mixcl, zeros = method_weights("mixcl"), [0.0, 0.0, 0.0]

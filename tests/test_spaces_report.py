@@ -30,6 +30,8 @@ SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
         "mixcl_balance",
         "encoder_label_term",
         "pretrained_lr",
+        "label_efficiency_slow_encoder",
+        "scratch_slow_encoder",
     ],
 )
 def test_shipped_spaces_are_valid(name):
@@ -463,3 +465,22 @@ def test_pretrained_lr_scale_slows_the_loaded_parameters_only():
     assert trial_params({"method": "scratch"}, None, ft, ctx)["pretrained_lr_scale"] == ""
     with pytest.raises(ValueError, match="pretrained_lr_scale must be > 0"):
         load_config("finetune", overrides={"pretrained_lr_scale": 0})
+
+
+def test_scale_scratch_slows_a_fresh_encoder_as_a_control():
+    """``scale_scratch``: a run from scratch trains the parts a pre-trained run would load at
+    ``pretrained_lr_scale`` (the control for a slower encoder); without it scratch has one rate,
+    and a pre-trained run's parts are the loaded ones either way."""
+    from mixcl_ray.train_config import load_config
+    from mixcl_ray.trial import trial_params
+
+    plain = load_config("finetune", overrides={"pretrained_lr_scale": 0.1})
+    control = load_config("finetune", overrides={"pretrained_lr_scale": 0.1, "scale_scratch": True})
+    both = load_config("finetune", overrides={"scale_scratch": True, "load_decoder": True})
+    assert plain.scaled_parts(pretrained=False) == ()
+    assert plain.scaled_parts(pretrained=True) == ("encoder",)
+    assert control.scaled_parts(pretrained=False) == ("encoder",)
+    assert both.scaled_parts(pretrained=False) == ("encoder", "decoder")
+    ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
+    assert trial_params({"method": "scratch"}, None, control, ctx)["pretrained_lr_scale"] == 0.1
+    assert trial_params({"method": "scratch"}, None, plain, ctx)["pretrained_lr_scale"] == ""

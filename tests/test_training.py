@@ -174,6 +174,10 @@ def test_interrupted_finetuning_keeps_its_best_weights_and_ends_as_an_uninterrup
             "label_fraction": 0.5,
             "optim": {"epochs": 2},
             "scaling": {"workers": 2, "max_failures": 0},
+            # the scratch control: its fresh encoder at half the rate, a second optimizer group
+            # that the resume restores as well
+            "pretrained_lr_scale": 0.5,
+            "scale_scratch": True,
         },
     )
     with pytest.raises(Exception, match="injected failure"):
@@ -182,6 +186,9 @@ def test_interrupted_finetuning_keeps_its_best_weights_and_ends_as_an_uninterrup
     result = run_finetuning(prepared_benchmark, tmp_path, config, name="ft")  # resumes
     assert [h["epoch"] for h in result.history] == [0, 1]
     assert result.history[-1]["resumed_from_epoch"] == 1
+    assert all(
+        h["train/lr_pretrained"] == pytest.approx(0.5 * h["train/lr"]) for h in result.history
+    )
     # the resumed run carries the best weights so far into its checkpoint, improved or not
     dice = [h["val/dice_mean"] for h in result.history]
     best = torch.load(result.best_model, weights_only=True)
