@@ -12,12 +12,15 @@ one), then reads the finished trials from MLflow, prints both tables and saves t
     python benchmarks/label_efficiency.py [--storage runs/label-efficiency] [--resume]
     python benchmarks/label_efficiency.py --seeds 0 [--resume]     # one seed: 15 cells, ~1h40
     python benchmarks/label_efficiency.py --seeds 2 --methods scratch label   # part of a seed
+    python benchmarks/label_efficiency.py --methods identity --fractions 0.05  # target cells
+    python benchmarks/label_efficiency.py --space label_efficiency_slow_encoder --seeds 0
     python benchmarks/label_efficiency.py --report-only [--experiment NAME] [--tracking-uri URI]
 
 The study spans sessions and machines: ``--seeds`` runs part of the seed grid as its own sweep,
 and every finished cell (method, label fraction, seed: validation and test Dice, the commit)
 is recorded in ``--results`` (default ``benchmarks/results/label_efficiency.json``, kept in the
-repository). The tables are drawn from that file merged with the latest sweep, so the seeds
+repository; another study space, such as ``label_efficiency_slow_encoder``, has its own file
+named after it). The tables are drawn from that file merged with the latest sweep, so the seeds
 run on different days add up; a file recorded with other study settings is refused, not
 mixed. Every cell also records its pre-training's loss weights (l_id, l_label, l_rec): a cell
 whose method pre-trains with other weights now (MixCL's default changed) is left out of the
@@ -67,11 +70,15 @@ def grid_values(value) -> list:
 
 
 def seed_space(
-    space: Path, seeds: list[int] | None, out_dir: Path, methods: list[str] | None = None
+    space: Path,
+    seeds: list[int] | None,
+    out_dir: Path,
+    methods: list[str] | None = None,
+    fractions: list[float] | None = None,
 ) -> Path:
-    """A copy of the study space whose seed grid is ``seeds`` (and, given ``methods``, whose
-    method grid is those): a sweep of its own, resumable on its own (the sweep's name is the
-    file's name)."""
+    """A copy of the study space whose seed grid is ``seeds`` (and, given ``methods`` or
+    ``fractions``, whose method or label-fraction grid is those): a sweep of its own, resumable
+    on its own (the sweep's name is the file's name)."""
     spec = yaml.safe_load(space.read_text())
     grid = spec["space"]
     if seeds:
@@ -84,9 +91,27 @@ def seed_space(
             raise SystemExit(f"{space}: no method {', '.join(unknown)} in its grid {study}")
         grid["method"] = {"grid": methods}
         name += "-" + "-".join(methods)
+    if fractions:
+        study = [float(f) for f in grid_values(grid["label_fraction"])]
+        unknown = sorted(set(fractions) - set(study))
+        if unknown:
+            raise SystemExit(
+                f"{space}: no label fraction {', '.join(f'{f:g}' for f in unknown)} in its grid "
+                f"{study}"
+            )
+        grid["label_fraction"] = {"grid": fractions}
+        name += "-labels-" + "-".join(f"{100 * f:g}pc" for f in fractions)
     out = out_dir / f"{name}.yaml"
     locations.write_text(out, yaml.safe_dump(spec, sort_keys=False))
     return out
+
+
+def results_file(space: Path) -> Path:
+    """Where a study's cells are recorded by default: ``RESULTS`` for the study, a file named
+    after any other space (its own table, its own settings)."""
+    if space.resolve() == space_file("label_efficiency").resolve():
+        return RESULTS
+    return RESULTS.parent / f"{space.stem}.json"
 
 
 def method_weights(method: str) -> list[float]:
@@ -255,9 +280,10 @@ def missing_commands(space: Path, missing: dict[str, dict[str, int]]) -> list[st
     groups: dict[tuple[str, ...], list[str]] = {}
     for seed, methods in missing.items():
         groups.setdefault(tuple(m for m in every if m in methods), []).append(seed)
+    study = "" if results_file(space) == RESULTS else f" --space {space.stem}"
     commands = []
     for methods, seeds in groups.items():
-        command = f"python benchmarks/label_efficiency.py --seeds {' '.join(seeds)}"
+        command = f"python benchmarks/label_efficiency.py{study} --seeds {' '.join(seeds)}"
         if list(methods) != every:
             command += f" --methods {' '.join(methods)}"
         commands.append(command)
@@ -319,15 +345,22 @@ def main() -> None:
         "seed while MixCL's settings are still being decided)",
     )
     parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        help="run only these label fractions of the space's grid (e.g. 0.05: the target's cells)",
+    )
+    parser.add_argument(
         "--results",
         type=Path,
-        default=RESULTS,
-        help="file of every finished cell, merged across runs (default: %(default)s)",
+        help="file of every finished cell, merged across runs (default: "
+        f"{RESULTS.relative_to(ROOT)} for the study, benchmarks/results/<space>.json for another "
+        "space)",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="no study: report the latest one in MLflow"
     )
-    parser.add_argument("--experiment", default="mixcl_ray-label-efficiency")
+    parser.add_argument("--experiment", help="MLflow experiment (default: the space's)")
     parser.add_argument("--tracking-uri", help="default: the SQLite store in --storage")
     args = parser.parse_args()
     from mixcl_ray import tracking
@@ -336,20 +369,26 @@ def main() -> None:
     uri = args.tracking_uri or tracking.default_tracking_uri(args.storage)
     print(common.machine())
     space = space_file(args.space)
+    args.experiment = args.experiment or load_space(space).experiment
+    args.results = args.results or results_file(space)
     key = settings_key(space, args.data)
     cells = load_results(args.results, args.experiment, key)  # refuses other settings up front
     if not args.report_only:
         commit, began = tracking.code_version(), time.time()
-        if args.seeds or args.methods:
-            space = seed_space(space, args.seeds, args.storage, args.methods)
+        if args.seeds or args.methods or args.fractions:
+            space = seed_space(space, args.seeds, args.storage, args.methods, args.fractions)
         command = [sys.executable, "-m", "mixcl_ray.tune", "--space", str(space)]
         command += ["--storage", str(args.storage), "--tracking-uri", uri]
         command += ["--data", args.data] if args.data else []
         command += ["--resume"] if args.resume else []
         seeds = f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else ""
         seeds += f" --methods {' '.join(args.methods)}" if args.methods else ""
+        seeds += (
+            f" --fractions {' '.join(f'{f:g}' for f in args.fractions)}" if args.fractions else ""
+        )
+        study = "" if args.space == "label_efficiency" else f" --space {args.space}"
         hint = (
-            f"continue with: python benchmarks/label_efficiency.py --storage {args.storage}"
+            f"continue with: python benchmarks/label_efficiency.py{study} --storage {args.storage}"
             f"{seeds} --resume"
         )
         try:
