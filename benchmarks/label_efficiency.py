@@ -254,38 +254,48 @@ def target_check(summary: dict, gain: float = TARGET_GAIN) -> list[str]:
     return lines
 
 
-def missing_cells(space: Path, cells: list[dict]) -> dict[str, dict[str, int]]:
-    """Seed -> method -> how many of the space's label fractions of that method and seed are
-    not recorded (complete methods and seeds left out)."""
+def missing_cells(space: Path, cells: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Seed -> method -> the space's label fractions of that method and seed that are not
+    recorded (complete methods and seeds left out)."""
     from mixcl_ray.spaces import load_space
 
     grid = load_space(space).space
     done = {(c["method"], float(c["label_fraction"]), str(c["seed"])) for c in cells}
-    out: dict[str, dict[str, int]] = {}
-    fractions = grid_values(grid["label_fraction"])
+    out: dict[str, dict[str, list[float]]] = {}
+    fractions = [float(f) for f in grid_values(grid["label_fraction"])]
     for seed in grid_values(grid["seed"]):
         for method in grid_values(grid["method"]):
-            n = sum((method, float(f), str(seed)) not in done for f in fractions)
-            if n:
-                out.setdefault(str(seed), {})[method] = n
+            left = [f for f in fractions if (method, f, str(seed)) not in done]
+            if left:
+                out.setdefault(str(seed), {})[method] = left
     return out
 
 
-def missing_commands(space: Path, missing: dict[str, dict[str, int]]) -> list[str]:
-    """The commands that run what ``missing_cells`` found: seeds with the same methods missing
-    together, ``--methods`` only where some of the seed's methods are done."""
+def missing_commands(space: Path, missing: dict[str, dict[str, list[float]]]) -> list[str]:
+    """The commands that run what ``missing_cells`` found, and nothing recorded again: the
+    methods of a seed that miss the same label fractions together, seeds that miss the same
+    together; ``--methods`` and ``--fractions`` only where part of the grid is done."""
     from mixcl_ray.spaces import load_space
 
-    every = grid_values(load_space(space).space["method"])
-    groups: dict[tuple[str, ...], list[str]] = {}
+    grid = load_space(space).space
+    every = grid_values(grid["method"])
+    all_fractions = [float(f) for f in grid_values(grid["label_fraction"])]
+    groups: dict[tuple[tuple[str, ...], tuple[float, ...]], list[str]] = {}
     for seed, methods in missing.items():
-        groups.setdefault(tuple(m for m in every if m in methods), []).append(seed)
+        alike: dict[tuple[float, ...], list[str]] = {}
+        for method in every:
+            if method in methods:
+                alike.setdefault(tuple(methods[method]), []).append(method)
+        for fractions, names in alike.items():
+            groups.setdefault((tuple(names), fractions), []).append(seed)
     study = "" if results_file(space) == RESULTS else f" --space {space.stem}"
     commands = []
-    for methods, seeds in groups.items():
+    for (methods, fractions), seeds in groups.items():
         command = f"python benchmarks/label_efficiency.py{study} --seeds {' '.join(seeds)}"
         if list(methods) != every:
             command += f" --methods {' '.join(methods)}"
+        if list(fractions) != all_fractions:
+            command += f" --fractions {' '.join(f'{f:g}' for f in fractions)}"
         commands.append(command)
     return commands
 
@@ -409,7 +419,9 @@ def main() -> None:
     full = space_file(args.space)
     missing = missing_cells(full, cells)
     if missing and load_space(full).experiment == args.experiment:
-        counts = ", ".join(f"seed {s} ({sum(m.values())} cells)" for s, m in missing.items())
+        counts = ", ".join(
+            f"seed {s} ({sum(map(len, m.values()))} cells)" for s, m in missing.items()
+        )
         print(f"\nnot yet run: {counts}; run them with:")
         for command in missing_commands(full, missing):
             print(f"  {command}")

@@ -195,7 +195,7 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
     assert results_file(full) == RESULTS
     assert results_file(slow) == RESULTS.parent / "label_efficiency_slow_encoder.json"
     assert settings_key(slow, None) != key
-    assert missing_commands(slow, {"0": {"mixcl": 3}}) == [
+    assert missing_commands(slow, {"0": {"mixcl": [0.05, 0.15, 1.0]}}) == [
         "python benchmarks/label_efficiency.py --space label_efficiency_slow_encoder "
         "--seeds 0 --methods mixcl"
     ]
@@ -219,11 +219,21 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
         ("2", "mixcl", 0.2),
     ]
     assert load_results(results, "exp", key) == cells
+    command = "python benchmarks/label_efficiency.py --seeds"
+    assert missing_commands(full, missing_cells(full, [])) == [f"{command} 0 1 2"]
     missing = missing_cells(full, cells)
-    assert {seed: sum(m.values()) for seed, m in missing.items()} == {"0": 14, "1": 14, "2": 14}
-    assert missing["1"]["scratch"] == 2 and missing["1"]["mixcl"] == 3
+    assert {seed: sum(map(len, m.values())) for seed, m in missing.items()} == {
+        "0": 14,
+        "1": 14,
+        "2": 14,
+    }
+    assert missing["1"]["scratch"] == [0.15, 1.0] and missing["1"]["mixcl"] == [0.05, 0.15, 1.0]
+    # what is recorded is not asked for again: the methods and fractions left, grouped
     assert missing_commands(full, missing) == [
-        "python benchmarks/label_efficiency.py --seeds 0 1 2"
+        f"{command} 0 2 --methods scratch identity label reconstruction",
+        f"{command} 0 2 --methods mixcl --fractions 0.15 1",
+        f"{command} 1 --methods scratch --fractions 0.15 1",
+        f"{command} 1 --methods identity label reconstruction mixcl",
     ]
     # a seed whose baselines are done: only its MixCL cells are asked for
     baselines = [
@@ -232,11 +242,8 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
         for f in (0.05, 0.15, 1.0)
     ]
     missing = missing_cells(full, [*cells, *baselines])
-    assert missing["2"] == {"mixcl": 2}  # seed 2's MixCL at 5 % is recorded above
-    assert missing_commands(full, missing) == [
-        "python benchmarks/label_efficiency.py --seeds 0 1",
-        "python benchmarks/label_efficiency.py --seeds 2 --methods mixcl",
-    ]
+    assert missing["2"] == {"mixcl": [0.15, 1.0]}  # seed 2's MixCL at 5 % is recorded above
+    assert missing_commands(full, missing)[1] == f"{command} 0 2 --methods mixcl --fractions 0.15 1"
     assert load_results(results, "other experiment", key) == []  # not this study's table
     with pytest.raises(SystemExit, match="another experiment"):
         record(results, "other experiment", key, [{**row, "seed": "0"}])
@@ -258,7 +265,7 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
     assert [c["method"] for c in load_results(earlier, "exp", key)] == ["scratch"]
     assert "mixcl l_id/l_label/l_rec 1/1/1, now 0/1/1" in capsys.readouterr().out
     assert json.loads(earlier.read_text())["cells"] == recorded  # reading changes nothing
-    assert missing_cells(full, load_results(earlier, "exp", key))["0"]["mixcl"] == 3
+    assert missing_cells(full, load_results(earlier, "exp", key))["0"]["mixcl"] == [0.05, 0.15, 1.0]
     cells = record(earlier, "exp", key, [{**row, "seed": "0", "test": 0.3}])
     assert [(c["method"], c["test"]) for c in cells] == [("mixcl", 0.3), ("scratch", 0.2)]
     saved = json.loads(earlier.read_text())
