@@ -1,4 +1,5 @@
-"""Figures people would rather look at than read: segmentation overlays, label-efficiency plot."""
+"""Figures people would rather look at than read: segmentation overlays, the label-efficiency
+plot, the trials' validation curves."""
 
 from __future__ import annotations
 
@@ -61,6 +62,44 @@ def label_efficiency_png(summary: dict, path: str | os.PathLike, metric_name: st
     ax.set_title("label efficiency (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def validation_curves_png(rows: list[dict], path: str | os.PathLike) -> None:
+    """rows: trials with ``method``, ``label_fraction`` and ``curve`` (the validation Dice per
+    epoch, [(epoch, dice)]) -> one panel per label fraction, a line per trial, a colour per
+    method: whether a method's Dice holds or falls after its peak is seen at a glance."""
+    plt = _pyplot()
+    fractions = sorted({r["label_fraction"] for r in rows})
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "scratch", m))
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(
+        1, len(fractions), figsize=(4 * len(fractions), 3.5), sharey=True, squeeze=False
+    )
+    for ax, fraction in zip(axes[0], fractions, strict=True):
+        labelled = set()
+        for row in rows:
+            if row["label_fraction"] != fraction or not row["curve"]:
+                continue
+            epochs, dice = zip(*row["curve"], strict=True)
+            method = row["method"]
+            ax.plot(
+                epochs,
+                dice,
+                color=colours[method],
+                marker=".",
+                alpha=0.8,
+                label=None if method in labelled else method,
+            )
+            labelled.add(method)
+        ax.set_title(f"{100 * fraction:g} % labels")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("validation Dice (mean over organs)")
+    fig.suptitle("validation Dice per epoch, one line per trial")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

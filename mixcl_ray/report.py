@@ -1,5 +1,6 @@
-"""``python -m mixcl_ray.report``: the method x label-fraction table and the label-efficiency plot,
-read from MLflow (the trial runs of a sweep), saved to files and logged to the sweep's run.
+"""``python -m mixcl_ray.report``: the method x label-fraction table, the label-efficiency plot
+and the trials' validation curves, read from MLflow (the trial runs of a sweep), saved to files
+and logged to the sweep's run.
 
 The figures are test-split Dice (``test/dice_mean``), which no choice in the sweep has seen;
 mean ± std over seeds, and the gain over scratch at the same label fraction. A gain smaller
@@ -17,6 +18,7 @@ import numpy as np
 from mixcl_ray import tracking
 
 REPORT_METRIC = "test/dice_mean"
+CURVE_METRIC = "val/dice_mean"
 
 
 def collect(
@@ -113,10 +115,24 @@ def hardware_line(cells: list[dict]) -> str:
     )
 
 
+def with_curves(uri: str, rows: list[dict]) -> list[dict]:
+    """``rows`` with each trial's validation Dice per epoch (``curve``: [(epoch, dice)])."""
+    client = tracking._client(uri)
+    return [
+        dict(
+            row,
+            curve=sorted(
+                (m.step, m.value) for m in client.get_metric_history(row["run_id"], CURVE_METRIC)
+            ),
+        )
+        for row in rows
+    ]
+
+
 def make_report(
     uri: str, experiment: str, out_dir: str | Path, parent_id: str | None = None
 ) -> tuple[str, Path]:
-    from mixcl_ray.plots import label_efficiency_png
+    from mixcl_ray.plots import label_efficiency_png, validation_curves_png
 
     rows, parent_id = collect(uri, experiment, parent_id)
     if not rows:
@@ -130,7 +146,9 @@ def make_report(
     (out_dir / "report.md").write_text(text + "\n")
     plot = out_dir / "label_efficiency.png"
     label_efficiency_png(summary, plot, "test Dice (mean over organs)")
-    for path in (out_dir / "report.md", plot):
+    curves = out_dir / "validation_curves.png"
+    validation_curves_png(with_curves(uri, rows), curves)
+    for path in (out_dir / "report.md", plot, curves):
         tracking.log_artifact(uri, parent_id, path, "report")
     return text, plot
 
@@ -148,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<runs>/mlflow.db"
     )
-    parser.add_argument("--out", type=Path, help="folder for report.md and label_efficiency.png")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="folder for report.md, label_efficiency.png and validation_curves.png",
+    )
     args = parser.parse_args(argv)
     uri = args.tracking_uri or tracking.default_tracking_uri(args.runs)
     try:
@@ -159,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(text)
-    print(f"\nplot: {plot}")
+    print(f"\nplot: {plot}\nvalidation curves: {plot.with_name('validation_curves.png')}")
     return 0
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mixcl_ray import tracking
-from mixcl_ray.report import make_report, summarise
+from mixcl_ray.report import collect, make_report, summarise, with_curves
 from mixcl_ray.spaces import SPACES_DIR, SpaceError, load_space, make_search, to_tune_space
 
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
@@ -155,8 +155,10 @@ def known_store(tmp_path):
             {"method": method, "label_fraction": fraction, "seed": seed},
             parent_id=parent,
         )
+        for epoch, val in enumerate((dice - 0.1, dice + 0.01, dice)):  # rises, then falls back
+            tracking.log_metrics(uri, run, {"val/dice_mean": val}, step=epoch)
         tracking.log_metrics(
-            uri, run, {"test/dice_mean": dice, "val/best_dice_mean": dice + 0.01}, step=0
+            uri, run, {"test/dice_mean": dice, "val/best_dice_mean": dice + 0.01}, step=2
         )
         tracking.end_run(uri, run)
     stopped = tracking.start_run(
@@ -183,7 +185,19 @@ def test_report_on_known_runs(known_store, tmp_path):
     from mlflow import MlflowClient
 
     logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
-    assert logged == {"report/report.md", "report/label_efficiency.png"}
+    assert logged == {
+        "report/report.md",
+        "report/label_efficiency.png",
+        "report/validation_curves.png",
+    }
+    assert (tmp_path / "report/validation_curves.png").stat().st_size > 1000
+    # each trial's curve is its validation Dice per epoch, in epoch order
+    rows = with_curves(uri, collect(uri, "known")[0])
+    assert len(rows) == len(KNOWN)
+    for row in rows:
+        dice = row["test"]
+        assert [epoch for epoch, _ in row["curve"]] == [0, 1, 2]
+        assert [val for _, val in row["curve"]] == pytest.approx([dice - 0.1, dice + 0.01, dice])
 
 
 def test_differences_inside_the_spread_are_marked():

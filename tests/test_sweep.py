@@ -209,13 +209,17 @@ def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifac
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert artifacts == {"report/report.md", "report/label_efficiency.png"}
+    assert artifacts == {
+        "report/report.md",
+        "report/label_efficiency.png",
+        "report/validation_curves.png",
+    }
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} >= {
         "sweep/manifest.json",
         "sweep/splits.json",
     }
     (tune_name,) = [n for n in locations.list_names(f"{storage}/tune") if not n.endswith(".json")]
-    for name in ("report.md", "label_efficiency.png"):
+    for name in ("report.md", "label_efficiency.png", "validation_curves.png"):
         assert locations.is_file(f"{storage}/report/{tune_name}/{name}")
     table = locations.read_text(f"{storage}/report/{tune_name}/report.md")
     assert f"fine-tuned on: {hardware(torch.device('cpu'))}" in table
