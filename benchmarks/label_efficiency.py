@@ -114,6 +114,17 @@ def results_file(space: Path) -> Path:
     return RESULTS.parent / f"{space.stem}.json"
 
 
+def space_option(space: Path) -> str:
+    """`` --space NAME`` for a space other than the study, "" for the study: what a printed
+    command needs to run the same space again."""
+    from mixcl_ray.spaces import SPACES_DIR
+
+    if results_file(space) == RESULTS:
+        return ""
+    shipped = space.resolve().parent == SPACES_DIR.resolve()
+    return f" --space {space.stem if shipped else space}"
+
+
 def method_weights(method: str) -> list[float]:
     """The loss weights (l_id, l_label, l_rec) ``method`` pre-trains with now; zeros for
     scratch, as its trials log them."""
@@ -288,7 +299,7 @@ def missing_commands(space: Path, missing: dict[str, dict[str, list[float]]]) ->
                 alike.setdefault(tuple(methods[method]), []).append(method)
         for fractions, names in alike.items():
             groups.setdefault((tuple(names), fractions), []).append(seed)
-    study = "" if results_file(space) == RESULTS else f" --space {space.stem}"
+    study = space_option(space)
     commands = []
     for (methods, fractions), seeds in groups.items():
         command = f"python benchmarks/label_efficiency.py{study} --seeds {' '.join(seeds)}"
@@ -396,7 +407,7 @@ def main() -> None:
         seeds += (
             f" --fractions {' '.join(f'{f:g}' for f in args.fractions)}" if args.fractions else ""
         )
-        study = "" if args.space == "label_efficiency" else f" --space {args.space}"
+        study = space_option(space_file(args.space))
         hint = (
             f"continue with: python benchmarks/label_efficiency.py{study} --storage {args.storage}"
             f"{seeds} --resume"
