@@ -190,6 +190,10 @@ def finetune_loop(loop_config: dict) -> None:
         else:
             ray.train.report(metrics)
         if loop_config.get("fail_after_epoch") == epoch:  # fault injection for the resume test
+            # every rank's report is queued before any rank fails: rank 1 reports at once while
+            # rank 0 still uploads the checkpoint, and a controller that saw rank 1's failure
+            # first dropped the epoch (the resume then started over: an intermittent failure)
+            _gather(None)
             raise RuntimeError(f"injected failure after epoch {epoch}")
 
 

@@ -140,7 +140,10 @@ def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path
         for k, v in getattr(source.backbone, part).state_dict().items():
             assert torch.equal(v, theirs[k]), k
     slow = tmp_path / "slow.yaml"  # the loaded encoder fine-tuned at a tenth of the rate
-    slow.write_text("pretrained_lr_scale: 0.1\n")
+    # (a short epoch: 16 patches, 4 per case)
+    slow.write_text(
+        "pretrained_lr_scale: 0.1\nmin_patches_per_epoch: 16\npatches: {patches_per_case: 4}\n"
+    )
     args = f"--label-fraction 0.5 --epochs 1 --workers 1 --storage {tmp_path}".split()
     args += ["--data", str(prepared_benchmark), "--pretrained", str(pretrained.checkpoint)]
     args += ["--config", str(slow)]
@@ -174,6 +177,8 @@ def test_interrupted_finetuning_keeps_its_best_weights_and_ends_as_an_uninterrup
             "label_fraction": 0.5,
             "optim": {"epochs": 2},
             "scaling": {"workers": 2, "max_failures": 0},
+            "min_patches_per_epoch": 16,  # 3 cases x 4 patches, twice: 24 patches, 3 steps
+            "patches": {"patches_per_case": 4},
             # the scratch control: its fresh encoder at half the rate, a second optimizer group
             # that the resume restores as well
             "pretrained_lr_scale": 0.5,
