@@ -26,16 +26,6 @@ from mixcl_ray.train_config import FinetuneConfig, from_dict, load_config, merge
 BEST_FILE = "best_model.pt"
 
 
-def _gather(obj):
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def finetune_loop(loop_config: dict) -> None:
     """The per-worker training function (Ray Train)."""
     import ray.train
@@ -50,9 +40,11 @@ def finetune_loop(loop_config: dict) -> None:
         build_optimizer,
         build_scheduler,
         epoch_batches,
+        gather,
         grad_scaler,
         hardware,
         load_checkpoint_state,
+        maybe_inject_failure,
         optimizer_step,
         restore_state,
         save_checkpoint_dir,
@@ -139,7 +131,7 @@ def finetune_loop(loop_config: dict) -> None:
         validate = (epoch + 1) % cfg.val_every == 0 or epoch == cfg.optim.epochs - 1
         if validate:
             results = {}
-            for part in _gather(
+            for part in gather(
                 validate_cases(
                     unwrap(model),
                     my_val,
@@ -189,12 +181,7 @@ def finetune_loop(loop_config: dict) -> None:
             )
         else:
             ray.train.report(metrics)
-        if loop_config.get("fail_after_epoch") == epoch:  # fault injection for the resume test
-            # every rank's report is queued before any rank fails: rank 1 reports at once while
-            # rank 0 still uploads the checkpoint, and a controller that saw rank 1's failure
-            # first dropped the epoch (the resume then started over: an intermittent failure)
-            _gather(None)
-            raise RuntimeError(f"injected failure after epoch {epoch}")
+        maybe_inject_failure(loop_config, epoch)
 
 
 @dataclass

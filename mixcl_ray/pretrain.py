@@ -42,6 +42,7 @@ def pretrain_loop(loop_config: dict) -> None:
         grad_scaler,
         hardware,
         load_checkpoint_state,
+        maybe_inject_failure,
         optimizer_step,
         restore_state,
         save_checkpoint_dir,
@@ -140,8 +141,7 @@ def pretrain_loop(loop_config: dict) -> None:
             )
         else:
             ray.train.report(metrics)
-        if loop_config.get("fail_after_epoch") == epoch:  # fault injection for the resume tests
-            raise RuntimeError(f"injected failure after epoch {epoch}")
+        maybe_inject_failure(loop_config, epoch)
 
 
 @dataclass

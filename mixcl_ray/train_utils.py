@@ -187,6 +187,28 @@ def resume_epoch(run_dir) -> int:
     return max(epochs) + 1 if epochs else 0
 
 
+def gather(obj) -> list:
+    """``obj`` from every rank of the process group (just ``[obj]`` outside one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def maybe_inject_failure(loop_config: dict, epoch: int) -> None:
+    """Fault injection for the resume tests: fail every rank after ``fail_after_epoch``.
+
+    The ranks meet first, so every rank's report of this epoch is queued before any rank
+    fails: rank 1 reports at once while rank 0 still uploads the checkpoint, and a controller
+    that saw rank 1's failure first dropped the epoch (the resume then started over)."""
+    if loop_config.get("fail_after_epoch") == epoch:
+        gather(None)
+        raise RuntimeError(f"injected failure after epoch {epoch}")
+
+
 def epoch_batches(shard, patches, seed: int, epoch: int, rank: int, device):
     """One epoch of a worker's dataset shard as torch batches on ``device`` (``patches``: the
     stage's ``PatchConfig``; its shuffle is seeded by (seed, epoch, rank) when deterministic)."""
