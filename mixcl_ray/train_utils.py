@@ -17,6 +17,7 @@ from mixcl_ray.models import unwrap
 from mixcl_ray.train_config import OptimConfig, ScalingSettings
 
 STATE_FILE = "state.pt"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
 
 
 def build_optimizer(
@@ -176,15 +177,30 @@ def run_name(stage: str, config: dict, data_fingerprint: str) -> str:
 
 def resume_epoch(run_dir) -> int:
     """Next epoch of an interrupted run in ``run_dir`` (a folder or object-store URI; 0 when
-    nothing is there)."""
+    nothing is there).
+
+    Read from the snapshot file that Ray Train resumes from, never from the ``epoch_*``
+    folders: a run lost while uploading a checkpoint leaves a folder newer than the snapshot's
+    latest checkpoint, and without a snapshot Ray starts over."""
     from data_prep import locations
 
-    epochs = [
-        int(name.split("_")[1])
-        for name in locations.list_names(run_dir)
-        if name.startswith("epoch_") and locations.exists(locations.join(run_dir, name, STATE_FILE))
-    ]
-    return max(epochs) + 1 if epochs else 0
+    snapshot = locations.join(run_dir, SNAPSHOT_FILE)
+    if not locations.exists(snapshot):
+        return 0
+    try:
+        latest = json.loads(locations.read_text(snapshot)).get("latest_checkpoint_result")
+        if latest is None:
+            return 0  # no checkpoint reported yet: Ray starts over
+        epoch = latest.get("metrics", {}).get("epoch")
+        if epoch is None:
+            epoch = int(latest["checkpoint_dir_name"].split("_")[1])
+        return int(epoch) + 1
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+        raise ValueError(
+            f"{locations.describe(snapshot)}: Ray Train's checkpoint record cannot be read "
+            f"({type(e).__name__}: {e}); delete {locations.describe(run_dir)} to start this "
+            "run over"
+        ) from e
 
 
 def gather(obj) -> list:

@@ -27,7 +27,7 @@ from mixcl_ray.finetune import BEST_FILE, run_finetuning
 from mixcl_ray.models import MixCLModel, SegmentationNet, load_pretrained
 from mixcl_ray.pretrain import run_pretraining
 from mixcl_ray.train_config import FinetuneConfig, load_config, merge, to_dict
-from mixcl_ray.train_utils import hardware, load_checkpoint_state
+from mixcl_ray.train_utils import SNAPSHOT_FILE, hardware, load_checkpoint_state, resume_epoch
 
 pytestmark = pytest.mark.slow
 QUICK = {"optim": {"epochs": 1}, "patches": {"patches_per_case": 1, "batch_size": 2}}
@@ -95,6 +95,7 @@ def test_interrupted_pretraining_resumes_with_its_optimizer_state(
         run_pretraining(prepared_benchmark, tmp_path, config, name="resume", fail_after_epoch=0)
     first = load_checkpoint_state(tmp_path / "resume/epoch_0000")
     assert first["epoch"] == 0 and not (tmp_path / "resume/epoch_0001").exists()
+    assert resume_epoch(tmp_path / "resume") == 1  # from the snapshot Ray Train wrote
     result = run_pretraining(
         prepared_benchmark, tmp_path, config, name="resume"
     )  # the same command again
@@ -109,6 +110,25 @@ def test_interrupted_pretraining_resumes_with_its_optimizer_state(
     )
     # each checkpoint's temporary local folder is deleted once Ray Train has persisted it
     assert set(Path(tempfile.gettempdir()).glob("mixcl-ckpt-*")) == leftovers
+
+
+def test_resume_epoch_follows_ray_trains_snapshot_not_the_newest_folder(tmp_path):
+    """A run lost while uploading epoch 3 leaves an ``epoch_0003`` folder that Ray Train's
+    snapshot never recorded: Ray resumes from epoch 2's checkpoint, and so must the data feed.
+    (The interrupted-pre-training test reads a snapshot that Ray itself wrote.)"""
+    run = tmp_path / "run"
+    for epoch in (2, 3):
+        (run / f"epoch_{epoch:04d}").mkdir(parents=True)
+        torch.save({"epoch": epoch}, run / f"epoch_{epoch:04d}" / "state.pt")
+    assert resume_epoch(run) == 0  # no snapshot: Ray starts over
+    latest = {"checkpoint_dir_name": "epoch_0002", "metrics": {"epoch": 2}}
+    (run / SNAPSHOT_FILE).write_text(json.dumps({"latest_checkpoint_result": latest}))
+    assert resume_epoch(run) == 3
+    (run / SNAPSHOT_FILE).write_text(json.dumps({"latest_checkpoint_result": None}))
+    assert resume_epoch(run) == 0
+    (run / SNAPSHOT_FILE).write_text('{"latest_checkpoint_result": {"checkpoint_dir')
+    with pytest.raises(ValueError, match=f"{SNAPSHOT_FILE}.*delete .*run.* to start"):
+        resume_epoch(run)
 
 
 def test_label_fraction_subset_equals_splits(ray_session, prepared_benchmark):
