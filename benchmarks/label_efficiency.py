@@ -39,19 +39,25 @@ from pathlib import Path
 
 import common
 import yaml
+from study_results import (
+    RESULTS,
+    grid_values,
+    load_results,
+    merge_cells,
+    missing_cells,
+    missing_commands,
+    record,
+    results_file,
+    space_file,
+    space_option,
+    split_by_weights,
+)
 
 from data_prep import locations
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_GAIN = 0.05  # Dice points (0.05 = 5 points) over scratch at the smallest label fraction
 SINGLE_TERMS = ("identity", "label", "reconstruction")
-RESULTS = ROOT / "benchmarks" / "results" / "label_efficiency.json"
-
-
-def space_file(space: str) -> Path:
-    from mixcl_ray.spaces import space_path
-
-    return space_path(space)
 
 
 def settings_key(space: Path, data: str | None) -> str:
@@ -62,11 +68,6 @@ def settings_key(space: Path, data: str | None) -> str:
     spec.get("space", {}).pop("seed", None)
     spec["data"] = data or spec.get("data")
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def grid_values(value) -> list:
-    """A space dimension's values: its grid, or the one value it is fixed at."""
-    return value["grid"] if isinstance(value, dict) else [value]
 
 
 def seed_space(
@@ -106,133 +107,6 @@ def seed_space(
     return out
 
 
-def results_file(space: Path) -> Path:
-    """Where a study's cells are recorded by default: ``RESULTS`` for the study, a file named
-    after any other space (its own table, its own settings)."""
-    if space.resolve() == space_file("label_efficiency").resolve():
-        return RESULTS
-    return RESULTS.parent / f"{space.stem}.json"
-
-
-def space_option(space: Path) -> str:
-    """`` --space NAME`` for a space other than the study, "" for the study: what a printed
-    command needs to run the same space again."""
-    from mixcl_ray.spaces import SPACES_DIR
-
-    if results_file(space) == RESULTS:
-        return ""
-    shipped = space.resolve().parent == SPACES_DIR.resolve()
-    return f" --space {space.stem if shipped else space}"
-
-
-def method_weights(method: str) -> list[float]:
-    """The loss weights (l_id, l_label, l_rec) ``method`` pre-trains with now; zeros for
-    scratch, as its trials log them."""
-    from mixcl_ray.config import METHODS
-
-    return [float(w) for w in METHODS[method] or (0.0, 0.0, 0.0)]
-
-
-def split_by_weights(cells: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(cells pre-trained with their method's weights of now, the others): a cell recorded
-    before its method's weights changed, or without weights, is not comparable."""
-    current, other = [], []
-    for cell in cells:
-        same = cell.get("weights") == method_weights(cell["method"])
-        (current if same else other).append(cell)
-    return current, other
-
-
-def read_results(path: Path, experiment: str, key: str) -> tuple[list[dict], list[dict]]:
-    """(cells, superseded cells) of the file for ``experiment``, as recorded; ([], []) when
-    there are none. A file recorded with other settings is an error that says so (its cells are
-    not comparable)."""
-    if not path.exists():
-        return [], []
-    try:
-        saved = json.loads(path.read_text())
-        cells, saved_key = saved["cells"], saved["settings"]
-        superseded = saved.get("superseded", [])
-    except (ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"{path}: not a label-efficiency results file ({err})") from None
-    if saved.get("experiment") != experiment:
-        return [], []
-    if saved_key != key:
-        raise SystemExit(
-            f"{path}: its {len(cells)} cells were recorded with other study settings "
-            f"({saved_key}, now {key}); move it away to start a new table, or give --results"
-        )
-    return cells, superseded
-
-
-def load_results(path: Path, experiment: str, key: str) -> list[dict]:
-    """The cells recorded for ``experiment`` with these settings and their methods' weights of
-    now; [] when there are none. The cells of other weights are left out, and said so."""
-    current, other = split_by_weights(read_results(path, experiment, key)[0])
-    if other:
-        print(
-            f"{path}: {len(other)} cells left out, recorded with other pre-training weights "
-            f"than their method's now ({weights_changed(other)}); they stay in the file "
-            "(under 'superseded' once new cells are recorded)"
-        )
-    return current
-
-
-def weights_changed(cells: list[dict]) -> str:
-    """``method l_id/l_label/l_rec W, now W``, once per method and recorded weights."""
-    pairs = {(c["method"], tuple(c.get("weights") or ())) for c in cells}
-
-    def text(weights) -> str:
-        return "/".join(f"{w:g}" for w in weights) if weights else "not recorded"
-
-    return ", ".join(
-        f"{m} l_id/l_label/l_rec {text(w)}, now {text(method_weights(m))}" for m, w in sorted(pairs)
-    )
-
-
-def merge_cells(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` with ``new`` added; a cell run again (same method, label fraction and seed)
-    replaces the recorded one. Sorted by seed, method, label fraction."""
-    cells = {(c["method"], float(c["label_fraction"]), str(c["seed"])): c for c in old + new}
-    return sorted(cells.values(), key=lambda c: (str(c["seed"]), c["method"], c["label_fraction"]))
-
-
-def record(
-    path: Path, experiment: str, key: str, rows: list[dict], commit: str | None = None
-) -> list[dict]:
-    """Merge the sweep's finished cells into the results file (written atomically), each
-    with the code it ran: the commit its trial run was tagged with (the sweep driver's, so a
-    resumed study's cells keep theirs), else ``commit`` (taken when the study started).
-    Returns every cell."""
-    new = [
-        {
-            "method": r["method"],
-            "label_fraction": r["label_fraction"],
-            "seed": str(r["seed"]),
-            "val": r["val"],
-            "test": r["test"],
-            "run_id": r["run_id"],
-            "commit": r.get("commit") or commit,
-            "weights": r.get("weights"),
-            "hardware": r.get("hardware"),
-            "data_fingerprint": r.get("data_fingerprint"),
-        }
-        for r in rows
-    ]
-    if path.exists() and json.loads(path.read_text()).get("experiment") != experiment:
-        raise SystemExit(f"{path} holds another experiment's cells; give --results")
-    saved, superseded = read_results(path, experiment, key)
-    saved, aside = split_by_weights(saved)
-    cells, other = split_by_weights(merge_cells(saved, new))
-    payload = {"experiment": experiment, "settings": key, "cells": cells}
-    # nothing recorded is dropped: the cells of other weights are kept aside
-    superseded += [c for c in aside + other if c not in superseded]
-    if superseded:
-        payload["superseded"] = superseded
-    locations.write_text(path, json.dumps(payload, indent=1) + "\n")
-    return cells
-
-
 def target_check(summary: dict, gain: float = TARGET_GAIN) -> list[str]:
     """Lines that say whether MixCL at the smallest label fraction beats scratch by ``gain`` and
     every single-term baseline (means over seeds); what is missing is said, not guessed."""
@@ -263,52 +137,6 @@ def target_check(summary: dict, gain: float = TARGET_GAIN) -> list[str]:
             f"{'met' if met else 'not met'}"
         )
     return lines
-
-
-def missing_cells(space: Path, cells: list[dict]) -> dict[str, dict[str, list[float]]]:
-    """Seed -> method -> the space's label fractions of that method and seed that are not
-    recorded (complete methods and seeds left out)."""
-    from mixcl_ray.spaces import load_space
-
-    grid = load_space(space).space
-    done = {(c["method"], float(c["label_fraction"]), str(c["seed"])) for c in cells}
-    out: dict[str, dict[str, list[float]]] = {}
-    fractions = [float(f) for f in grid_values(grid["label_fraction"])]
-    for seed in grid_values(grid["seed"]):
-        for method in grid_values(grid["method"]):
-            left = [f for f in fractions if (method, f, str(seed)) not in done]
-            if left:
-                out.setdefault(str(seed), {})[method] = left
-    return out
-
-
-def missing_commands(space: Path, missing: dict[str, dict[str, list[float]]]) -> list[str]:
-    """The commands that run what ``missing_cells`` found, and nothing recorded again: the
-    methods of a seed that miss the same label fractions together, seeds that miss the same
-    together; ``--methods`` and ``--fractions`` only where part of the grid is done."""
-    from mixcl_ray.spaces import load_space
-
-    grid = load_space(space).space
-    every = grid_values(grid["method"])
-    all_fractions = [float(f) for f in grid_values(grid["label_fraction"])]
-    groups: dict[tuple[tuple[str, ...], tuple[float, ...]], list[str]] = {}
-    for seed, methods in missing.items():
-        alike: dict[tuple[float, ...], list[str]] = {}
-        for method in every:
-            if method in methods:
-                alike.setdefault(tuple(methods[method]), []).append(method)
-        for fractions, names in alike.items():
-            groups.setdefault((tuple(names), fractions), []).append(seed)
-    study = space_option(space)
-    commands = []
-    for (methods, fractions), seeds in groups.items():
-        command = f"python benchmarks/label_efficiency.py{study} --seeds {' '.join(seeds)}"
-        if list(methods) != every:
-            command += f" --methods {' '.join(methods)}"
-        if list(fractions) != all_fractions:
-            command += f" --fractions {' '.join(f'{f:g}' for f in fractions)}"
-        commands.append(command)
-    return commands
 
 
 def latest_rows(tracking_uri: str, experiment: str, since: float | None = None) -> list[dict]:

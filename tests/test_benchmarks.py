@@ -151,7 +151,8 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
 
     import pytest
     import yaml
-    from label_efficiency import (
+    from label_efficiency import seed_space, settings_key
+    from study_results import (
         RESULTS,
         load_results,
         method_weights,
@@ -159,8 +160,6 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
         missing_commands,
         record,
         results_file,
-        seed_space,
-        settings_key,
         space_file,
     )
 
@@ -323,7 +322,8 @@ def test_label_efficiency_cells_name_their_machine_and_mixed_machines_are_said(
     cell records what it was fine-tuned on and the report says when a table mixes kinds."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import torch
-    from label_efficiency import record, settings_key, space_file
+    from label_efficiency import settings_key
+    from study_results import record, space_file
 
     from mixcl_ray.report import hardware_line
     from mixcl_ray.train_utils import cpu_model, hardware
