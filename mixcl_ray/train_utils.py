@@ -191,11 +191,8 @@ def resume_epoch(run_dir) -> int:
         latest = json.loads(locations.read_text(snapshot)).get("latest_checkpoint_result")
         if latest is None:
             return 0  # no checkpoint reported yet: Ray starts over
-        epoch = latest.get("metrics", {}).get("epoch")
-        if epoch is None:
-            epoch = int(latest["checkpoint_dir_name"].split("_")[1])
-        return int(epoch) + 1
-    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+        return int(latest["metrics"]["epoch"]) + 1  # every epoch's report carries its number
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise ValueError(
             f"{locations.describe(snapshot)}: Ray Train's checkpoint record cannot be read "
             f"({type(e).__name__}: {e}); delete {locations.describe(run_dir)} to start this "
