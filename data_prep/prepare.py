@@ -33,7 +33,15 @@ from data_prep.layouts import (
     expand_dataset_args,
     read_dataset,
 )
-from data_prep.preprocess import Preset, get_preset, preprocess_arrays
+from data_prep.preprocess import (
+    Preset,
+    TransformError,
+    body_mask,
+    check_modality,
+    get_preset,
+    preprocess_arrays,
+    root_cause,
+)
 from data_prep.reader import MANIFEST, SPLITS
 from data_prep.splits import LABEL_FRACTIONS, make_splits
 from data_prep.validate import read_case
@@ -105,7 +113,7 @@ def _stats(raw: np.ndarray, label: np.ndarray | None, modality: str, preset: Pre
     if label is not None and label.any():
         mask = label > 0
     else:
-        mask = raw > (preset.body_threshold_hu if modality == "CT" else 0)
+        mask = body_mask(raw, modality, preset)
     values = raw[mask] if mask.any() else raw.ravel()
     p_lo, p_hi = np.percentile(values, [0.5, 99.5])
     return {
@@ -123,8 +131,8 @@ def process_case(
     warnings.simplefilter("ignore", FutureWarning)
     try:
         raw = read_case(case.image, case.label, ds_labels, case=case.case_id)
-        stats = _stats(raw.image, raw.label, preset.modality or modality, preset)
         image, label, affine = preprocess_arrays(raw.image, raw.affine, raw.label, preset, modality)
+        stats = _stats(raw.image, raw.label, preset.modality or modality, preset)
         if label is not None:
             label = lut[label]
             if not label.any():
@@ -147,12 +155,15 @@ def process_case(
         )
     except DataPrepError as err:
         return {"error": str(err), "case": case.case_id, "path": err.path}
-    except Exception as err:  # an unforeseen failure still names the case
-        return {
-            "error": f"case '{case.case_id}': {type(err).__name__}: {err}",
-            "case": case.case_id,
-            "path": str(case.image),
-        }
+    except TransformError as err:
+        problem = DataPrepError(str(err), case=case.case_id, path=str(case.image))
+        return {"error": str(problem), "case": case.case_id, "path": str(case.image)}
+    except Exception as err:  # an unforeseen failure still names the case and the cause
+        cause = root_cause(err)
+        problem = DataPrepError(
+            f"{type(cause).__name__}: {cause}", case=case.case_id, path=str(case.image)
+        )
+        return {"error": str(problem), "case": case.case_id, "path": str(case.image)}
     voxels = np.bincount(label.ravel(), minlength=1) if label is not None else np.zeros(0)
     return {
         "row": row,
@@ -287,6 +298,8 @@ def prepare(
     remote = locations.is_remote(out)
     folders, bench_target = expand_dataset_args(list(datasets))
     sources = [read_dataset(f) for f in folders]
+    for ds in sources:
+        check_modality(preset, ds.modality, dataset=ds.name, path=str(ds.dataset_file or ds.root))
     missing = check_corpus(sources)
     if missing and not options.skip_bad:
         raise next(iter(missing.values()))

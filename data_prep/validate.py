@@ -1,6 +1,6 @@
 """Read one case's NIfTI files with nibabel and reject bad input with a message naming it.
 
-Checks: readable NIfTI (not truncated, not another format), 3D (a trailing axis of size 1 is
+Checks: readable NIfTI (not truncated, not another format), 3D (trailing axes of size 1 are
 dropped), not empty, finite voxels, image/label shape and affine agreement, integer label
 values that the dataset declares, and a label that is not all background.
 """
@@ -56,8 +56,8 @@ def load_nifti(path: Path, *, case: str, kind: str) -> tuple[np.ndarray, np.ndar
             f"{kind} is a {type(img).__name__}, not a NIfTI file", case=case, path=str(path)
         )
     shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
+    while len(shape) > 3 and shape[-1] == 1:  # (X, Y, Z, 1): a 3D volume written as 4D
+        shape = shape[:-1]
     if len(shape) != 3:
         raise DataPrepError(
             f"{kind} has shape {tuple(img.shape)} ({len(img.shape)}D); a 3D volume is expected "
