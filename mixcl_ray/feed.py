@@ -66,6 +66,8 @@ def _one(batch: dict, key: str):
 def target_source(data_dir, source: str | None = None) -> str:
     manifest = read_manifest(data_dir)
     source = source or manifest.get("target_source")
+    if not source and len(manifest["sources"]) == 1:  # a single dataset is its own target
+        source = next(iter(manifest["sources"]))
     if not source:
         raise ValueError(
             f"{data_dir} names no target source: pass --source (one of {sorted(manifest['sources'])})"

@@ -22,6 +22,7 @@ from data_prep.errors import DataPrepError
 from data_prep.prepare import PrepareOptions, prepare
 from data_prep.preprocess import PRESETS, MRBody, TransformError, get_preset
 from data_prep.reader import load_case, read_manifest, read_splits
+from mixcl_ray.feed import target_source
 from tests.nifti_helpers import tree_snapshot
 from tests.scanner_nifti import (
     BODY,
@@ -242,6 +243,7 @@ def test_every_preset_runs_on_its_modality(preset, tmp_path, ray_session):
     out = tmp_path / "out"
     options = PrepareOptions(preset=preset, val_ratio=0, test_ratio=0)
     prepare([root], out, options, progress=False)
+    assert target_source(out) == root.name  # a single dataset is its own fine-tuning target
     case = load_case(out, f"{root.name}/s_0")
     spleen_id = read_manifest(out)["class_map"]["spleen"]
     spleen = np.median(case["image"][core(case, 2) & (case["label"] == spleen_id)])
