@@ -6,10 +6,29 @@ dicts and refuse unknown keys when rebuilding them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
+
+import yaml
 
 BACKBONES = ("unet", "swinunetr")
 DENSE_SOURCES = ("decoder", "encoder")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; here it is the number people meant."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str):
+    """Parse a config or space file; ``1e-3`` is a number, as in YAML 1.2 and JSON."""
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 def _check(condition: bool, message: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from mixcl_ray.config import DENSE_SOURCES, METHODS
+from mixcl_ray.config import DENSE_SOURCES, METHODS, load_yaml
 
 DIMENSIONS = {
     "method": str,
@@ -144,7 +144,7 @@ def load_space(path: str | os.PathLike) -> SweepSpec:
     """Read and validate a space file; errors name the file and the key."""
     path = space_path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except OSError as err:
         raise SpaceError(f"cannot read space file {path}: {err.strerror}") from None
     except yaml.YAMLError as err:

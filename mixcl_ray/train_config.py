@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mixcl_ray.config import LossConfig, ModelConfig, _check
+from mixcl_ray.config import LossConfig, ModelConfig, _check, load_yaml
 from mixcl_ray.data.corruptions import CorruptionConfig
 from mixcl_ray.data.views import ViewConfig
 
@@ -313,7 +313,7 @@ def load_config(
     config = PRESETS[preset][stage]
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = load_yaml(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
             raise ValueError(f"{path}: cannot read the config file: {err}") from None
         config = merge(config, data, str(path))

@@ -88,6 +88,22 @@ def test_asha_lets_a_surviving_trial_finish_its_fit(tmp_path):
     assert make_scheduler(load_space(path)) is None
 
 
+def test_numbers_written_like_1e_3_are_numbers_in_space_and_config_files(tmp_path):
+    from mixcl_ray.train_config import load_config
+
+    config = tmp_path / "finetune.yaml"
+    config.write_text("optim: {lr: 1e-3, weight_decay: 2E-5}\n")
+    optim = load_config("finetune", path=config).optim
+    assert (optim.lr, optim.weight_decay) == (0.001, 2e-5)
+    space = tmp_path / "lr.yaml"
+    space.write_text(
+        "space: {lr: {loguniform: [1e-4, 1e-2]}, seed: 0}\nfinetune: {optim: {lr: 3e-3}}\n"
+    )
+    spec = load_space(space)
+    assert spec.space["lr"] == {"loguniform": [1e-4, 1e-2]}
+    assert spec.finetune["optim"]["lr"] == 0.003
+
+
 def _sampled_configs(spec, storage) -> list[dict]:
     """The configurations a real Tune run of ``spec``'s search draws (a trivial trainable)."""
     from ray import tune
