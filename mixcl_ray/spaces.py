@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+import tune_spaces
 from mixcl_ray.config import DENSE_SOURCES, METHODS, load_yaml
 
 DIMENSIONS = {
@@ -52,7 +53,7 @@ TOP_KEYS = {
     "pretrain_cache",
     "space",
 }
-SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
+SPACES_DIR = Path(tune_spaces.__file__).resolve().parent  # package data: any install finds them
 
 
 # ASHA settings a space leaves out (its rungs: epochs grace, grace x reduction, ...)

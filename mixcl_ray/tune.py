@@ -20,10 +20,17 @@ from pathlib import Path
 from data_prep import locations
 from data_prep.locations import Location, describe
 from mixcl_ray import tracking
-from mixcl_ray.spaces import ASHA_DEFAULTS, SpaceError, load_space, make_search, to_tune_space
+from mixcl_ray.spaces import (
+    ASHA_DEFAULTS,
+    SPACES_DIR,
+    SpaceError,
+    load_space,
+    make_search,
+    to_tune_space,
+)
 from mixcl_ray.storage import ensure_writable
 
-DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "demo.yaml"
+DEFAULT_SPACE = SPACES_DIR / "demo.yaml"
 
 
 def resolve_data(spec_data: str | None, data) -> Location:
