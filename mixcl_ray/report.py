@@ -161,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--experiment", default="mixcl_ray-demo")
     parser.add_argument(
-        "--runs", type=Path, default=Path("runs"), help="where the local MLflow store lives"
+        "--storage",
+        "--runs",
+        dest="runs",
+        type=Path,
+        default=Path("runs"),
+        help="the --storage of the sweep: where the local MLflow store lives (default: runs)",
     )
     parser.add_argument(
         "--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<runs>/mlflow.db"

@@ -104,6 +104,14 @@ def test_numbers_written_like_1e_3_are_numbers_in_space_and_config_files(tmp_pat
     assert spec.finetune["optim"]["lr"] == 0.003
 
 
+def test_report_reads_the_store_under_storage_as_every_command_names_it(tmp_path, capsys):
+    from mixcl_ray.report import main
+
+    assert main(["--storage", str(tmp_path), "--experiment", "no-such-study"]) == 2
+    assert (tmp_path / "mlflow.db").exists()  # the sweep's own local store
+    assert "no-such-study" in capsys.readouterr().err
+
+
 def _sampled_configs(spec, storage) -> list[dict]:
     """The configurations a real Tune run of ``spec``'s search draws (a trivial trainable)."""
     from ray import tune
