@@ -13,7 +13,6 @@ SCRIPTS = {
     "mixcl-finetune": "mixcl_ray.finetune:main",
     "mixcl-report": "mixcl_ray.report:main",
     "mixcl-predict": "mixcl_ray.predict:main",
-    "mixcl-evaluate": "mixcl_ray.evaluate:main",
 }
 
 

@@ -392,30 +392,3 @@ def test_predict_takes_a_class_map_back_to_the_scan_grid(stem, tmp_path):
     assert back.shape == label.shape
     dice = 2 * ((back == 1) & (label == 1)).sum() / ((back == 1).sum() + (label == 1).sum())
     assert dice > 0.9, dice
-
-
-def test_evaluate_scores_a_split_as_the_fine_tuning_validated_it(
-    mr_model, scanner_corpus, tmp_path
-):
-    """The CSV of ``python -m mixcl_ray.evaluate`` on the validation split: one row per case,
-    one column per organ, and a mean equal to the fine-tuning's own validation Dice (same
-    weights, same sliding window)."""
-    import csv
-
-    storage, result = mr_model
-    table = tmp_path / "val.csv"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mixcl_ray.evaluate", "--model", str(result.best_model)]
-        + ["--data", str(scanner_corpus[2]), "--split", "val", "--csv", str(table)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.DictReader(table.open()))
-    val_ids = read_splits(scanner_corpus[2])["sources"][MR_NAME]["val"]
-    assert [r["case_id"] for r in rows] == sorted(val_ids) + ["mean"]
-    assert list(rows[0]) == ["case_id", "liver", "spleen", "kidney", "mean"]
-    mean = float(rows[-1]["mean"])
-    assert mean == pytest.approx(result.metrics["val/best_dice_mean"], abs=1e-6)
-    assert f"mean Dice on val: {mean:.4f}" in proc.stdout
