@@ -155,15 +155,14 @@ def process_case(
         )
     except DataPrepError as err:
         return {"error": str(err), "case": case.case_id, "path": err.path}
-    except TransformError as err:
-        problem = DataPrepError(str(err), case=case.case_id, path=str(case.image))
-        return {"error": str(problem), "case": case.case_id, "path": str(case.image)}
-    except Exception as err:  # an unforeseen failure still names the case and the cause
-        cause = root_cause(err)
-        problem = DataPrepError(
-            f"{type(cause).__name__}: {cause}", case=case.case_id, path=str(case.image)
-        )
-        return {"error": str(problem), "case": case.case_id, "path": str(case.image)}
+    except Exception as err:  # a failing step, or an unforeseen failure: case, file, cause
+        if isinstance(err, TransformError):
+            problem = str(err)
+        else:
+            problem = f"{type(root_cause(err)).__name__}: {root_cause(err)}"
+        where = str(case.image)
+        error = DataPrepError(problem, case=case.case_id, path=where)
+        return {"error": str(error), "case": case.case_id, "path": where}
     voxels = np.bincount(label.ravel(), minlength=1) if label is not None else np.zeros(0)
     return {
         "row": row,
