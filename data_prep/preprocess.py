@@ -210,6 +210,16 @@ class TransformError(Exception):
         super().__init__(f"preprocessing step {self.step} failed: {self.cause}")
 
 
+def apply_steps(chain: Compose, data: dict) -> dict:
+    """Run a chain step by step, so that a failure is a ``TransformError`` naming its step."""
+    for step in chain.transforms:
+        try:
+            data = step(data)
+        except Exception as err:
+            raise TransformError(step, err) from err
+    return data
+
+
 def preprocess_arrays(
     image: np.ndarray,
     affine: np.ndarray,
@@ -232,11 +242,7 @@ def preprocess_arrays(
         data["label"] = MetaTensor(
             torch.from_numpy(label.astype(np.float32))[None], affine=torch.as_tensor(affine)
         )
-    for step in build_transforms(preset, modality, label is not None).transforms:
-        try:
-            data = step(data)
-        except Exception as err:
-            raise TransformError(step, err) from err
+    data = apply_steps(build_transforms(preset, modality, label is not None), data)
     new_image = data["image"][0].numpy().astype(np.float32, copy=False)
     new_label = None
     if label is not None:

@@ -76,3 +76,90 @@ def validate_cases(
         target = torch.from_numpy(np.ascontiguousarray(case["label"]))[None, None]
         results[case["case_id"]] = dice_per_class(prediction, target, num_classes)[0].numpy()
     return results
+
+
+def evaluate_model(model, data_dir, split: str = "test", device: str = "cpu") -> list[dict]:
+    """Dice per case and class of a fine-tuned model (see ``mixcl_ray.predict.load_model``) on
+    a split of a prepared folder; the last row, ``case_id == "mean"``, holds the NaN-aware
+    means."""
+    from data_prep.reader import load_case, read_manifest, read_splits
+    from mixcl_ray.feed import class_lookup, target_source
+    from mixcl_ray.predict import load_model
+    from mixcl_ray.train_config import FinetuneConfig, from_dict
+
+    loaded = load_model(model, device)
+    cfg = from_dict(FinetuneConfig, loaded.card["finetune_config"])
+    prepared_with = read_manifest(data_dir)["preset"]
+    if prepared_with != loaded.card["preset"]:
+        raise ValueError(
+            f"{data_dir} was prepared with preset {prepared_with}, the model was trained on "
+            f"{loaded.card['preset']}: prepare the data again with the model's preset and spacing"
+        )
+    source = target_source(data_dir, cfg.source)
+    lut, names = class_lookup(data_dir, source)
+    if names != loaded.card["class_names"]:
+        raise ValueError(f"{source} has classes {names}, the model {loaded.card['class_names']}")
+    splits = read_splits(data_dir)["sources"][source]
+    if split not in splits or not splits[split]:
+        raise ValueError(f"source {source} has no {split!r} cases in splits.json")
+    cases = [
+        dict(c, label=lut[c["label"]]) for c in (load_case(data_dir, i) for i in splits[split])
+    ]
+    per_case = validate_cases(
+        loaded.model,
+        cases,
+        len(names),
+        cfg.patches.patch_size,
+        device,
+        cfg.sw_batch_size,
+        cfg.sw_overlap,
+    )
+    rows = [
+        {
+            "case_id": case_id,
+            **dict(zip(names[1:], map(float, dice), strict=True)),
+            "mean": nan_mean(dice),
+        }
+        for case_id, dice in sorted(per_case.items())
+    ]
+    means = {n: nan_mean([r[n] for r in rows]) for n in names[1:]}
+    rows.append({"case_id": "mean", **means, "mean": nan_mean(list(means.values()))})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import csv
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mixcl_ray.evaluate",
+        description="Score a fine-tuned model on a split of a prepared folder: Dice per case "
+        "and per class (background excluded, NaN where a class is absent from both) as CSV.",
+    )
+    parser.add_argument("--model", required=True, help="fine-tuning output folder or best_model.pt")
+    parser.add_argument(
+        "--data", required=True, help="output folder of `python -m data_prep prepare`"
+    )
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--csv", help="where to write the table (default: stdout only)")
+    parser.add_argument("--gpu", action="store_true", help="run on the first CUDA device")
+    args = parser.parse_args(argv)
+    try:
+        rows = evaluate_model(args.model, args.data, args.split, "cuda" if args.gpu else "cpu")
+    except (ValueError, OSError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    handle = open(args.csv, "w", newline="") if args.csv else sys.stdout
+    writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    if args.csv:
+        handle.close()
+        print(f"wrote {len(rows) - 1} cases to {args.csv}")
+    print(f"mean Dice on {args.split}: {rows[-1]['mean']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

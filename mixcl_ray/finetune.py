@@ -170,8 +170,9 @@ def finetune_loop(loop_config: dict) -> None:
                 best_weights = {"model": {k: v.detach().cpu().clone() for k, v in weights.items()}}
                 best_weights.update(best)
             extra = {}
-            if best_weights is not None:
-                extra[BEST_FILE] = lambda p, w=best_weights: torch.save(w, p)
+            if best_weights is not None:  # the weights with what predict needs to use them
+                with_card = {**best_weights, "card": loop_config["model_card"]}
+                extra[BEST_FILE] = lambda p, w=with_card: torch.save(w, p)
             folder = save_checkpoint_dir(state, extra)
             ray.train.report(
                 metrics,
@@ -237,6 +238,14 @@ def run_finetuning(
         ).summary()
     config_dict = to_dict(config)
     manifest = read_manifest(data_dir)
+    model_card = {  # what a prediction on a raw scan needs (mixcl_ray.predict)
+        "class_names": names,
+        "preset": manifest["preset"],
+        "modality": manifest["sources"][source]["modality"],
+        "finetune_config": config_dict,
+        "pretrained": str(pretrained) if pretrained else None,
+        "data_fingerprint": manifest["input_fingerprint"],
+    }
     name = name or run_name(
         "finetune",
         {"config": config_dict, "pretrained": str(pretrained)},
@@ -258,6 +267,7 @@ def run_finetuning(
         "steps_per_epoch": max(1, per_epoch // (config.patches.batch_size * workers)),
         "torch_threads": max(1, int(per_worker)),
         "fail_after_epoch": fail_after_epoch,
+        "model_card": model_card,
     }
     folder, metrics, extra = fit_stage(
         finetune_loop, loop_config, config, per_worker, storage, name, callbacks, dataset

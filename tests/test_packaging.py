@@ -12,6 +12,8 @@ SCRIPTS = {
     "mixcl-pretrain": "mixcl_ray.pretrain:main",
     "mixcl-finetune": "mixcl_ray.finetune:main",
     "mixcl-report": "mixcl_ray.report:main",
+    "mixcl-predict": "mixcl_ray.predict:main",
+    "mixcl-evaluate": "mixcl_ray.evaluate:main",
 }
 
 

@@ -204,7 +204,9 @@ def test_mr_is_clipped_and_z_scored_inside_the_body_whatever_the_scanner_gain(sc
     assert np.ptp(np.array(organ_z), axis=0).max() < 0.5, organ_z
 
 
-def test_mr_dataset_fine_tunes_one_epoch(scanner_corpus, ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def mr_model(scanner_corpus, ray_session, tmp_path_factory):
+    """One epoch of fine-tuning on the MR source."""
     from mixcl_ray.finetune import run_finetuning
     from mixcl_ray.train_config import load_config
 
@@ -219,7 +221,12 @@ def test_mr_dataset_fine_tunes_one_epoch(scanner_corpus, ray_session, tmp_path):
             "min_patches_per_epoch": 16,
         },
     )
-    result = run_finetuning(out, tmp_path, config)
+    storage = tmp_path_factory.mktemp("mr_runs")
+    return storage, run_finetuning(out, storage, config)
+
+
+def test_mr_dataset_fine_tunes_one_epoch(mr_model):
+    _, result = mr_model
     assert len(result.history) == 1
     assert np.isfinite(result.history[0]["train/loss"])
     assert 0.0 <= result.metrics["val/dice_mean"] <= 1.0
@@ -306,3 +313,122 @@ def test_a_monai_failure_is_told_by_its_step_and_underlying_cause():
     message = str(TransformError(step, info.value))
     assert message.startswith("preprocessing step ScaleIntensityRangePercentilesd failed: ")
     assert "applying transform" not in message and " object at 0x" not in message
+
+
+def test_the_best_model_carries_what_predict_needs(mr_model, scanner_corpus):
+    import torch
+
+    _, result = mr_model
+    card = torch.load(result.best_model, weights_only=True)["card"]
+    assert card["class_names"] == ["background", "liver", "spleen", "kidney"]
+    assert card["modality"] == "MR" and card["preset"] == read_manifest(scanner_corpus[2])["preset"]
+    assert card["finetune_config"]["source"] == MR_NAME and card["pretrained"] is None
+
+
+def test_predict_writes_each_scan_in_its_own_geometry_and_names_a_bad_file(
+    mr_model, scanner_corpus, tmp_path
+):
+    """Raw MR scans of every orientation and a truncated file: the good ones are segmented
+    into their own shape and affine with the training's class ids, the bad one is named and
+    the exit code is 2."""
+    storage, _ = mr_model
+    mr = scanner_corpus[0]
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("mr_2.nii.gz", "mr_4.nii.gz", "mr_1.nii"):  # oblique, 4D 0.7 x 0.7 x 5, LPS
+        (scans / name).write_bytes((mr / "imagesTr" / name).read_bytes())
+    (scans / "broken.nii.gz").write_bytes((mr / "imagesTr/mr_0.nii.gz").read_bytes()[:3000])
+    out = tmp_path / "seg"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixcl_ray.predict", "--model", str(storage)]
+        + ["--input", str(scans), "--out", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "broken.nii.gz" in proc.stderr and "truncated" in proc.stderr, proc.stderr[-2000:]
+    assert json.loads((out / "labels.json").read_text()) == {
+        "0": "background",
+        "1": "liver",
+        "2": "spleen",
+        "3": "kidney",
+    }
+    assert sorted(p.name for p in out.glob("mr_*")) == ["mr_1.nii", "mr_2.nii.gz", "mr_4.nii.gz"]
+    for name in ("mr_1.nii", "mr_2.nii.gz", "mr_4.nii.gz"):
+        scan, seg = nib.load(scans / name), nib.load(out / name)
+        assert seg.shape == scan.shape and np.allclose(seg.affine, scan.affine), name
+        assert seg.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    "modality,stem",
+    [("CT", "ct_0"), ("CT", "ct_1"), ("CT", "ct_3")]
+    + [("MR", "mr_2"), ("MR", "mr_3"), ("MR", "mr_4")],
+)
+def test_predict_takes_a_class_map_back_to_the_scan_grid(modality, stem, tmp_path):
+    """The inversion alone, with the true labels as the "prediction": preprocessed, then taken
+    back to the file's oblique, LPS, permuted or 0.7 x 0.7 x 5 mm grid, they match the
+    file's own labels."""
+    import torch
+    from monai.data import MetaTensor
+
+    from data_prep.preprocess import apply_steps, build_transforms
+    from mixcl_ray.predict import to_input_grid
+
+    cases = CT_CASES if modality == "CT" else MR_CASES
+    ((_, _, options),) = [c for c in cases if c[0] == stem]
+    root = (ct_dataset if modality == "CT" else mr_dataset)(
+        tmp_path, [c for c in cases if c[0] == stem]
+    )
+    suffix = options.get("suffix", ".nii.gz")
+    image, affine = read_file(root / f"imagesTr/{stem}{suffix}")
+    label, _ = read_file(root / f"labelsTr/{stem}{suffix}")
+    preset = get_preset(modality.lower())
+
+    def tensor(array):
+        return MetaTensor(torch.from_numpy(array.astype(np.float32))[None], affine=affine)
+
+    image_only = build_transforms(preset, modality, with_label=False)
+    prepared = apply_steps(image_only, {"image": tensor(image)})["image"]
+    both = apply_steps(
+        build_transforms(preset, modality, True), {"image": tensor(image), "label": tensor(label)}
+    )
+    assert both["label"].shape == prepared.shape
+    back = to_input_grid(torch.round(both["label"]), prepared, image_only)
+    assert back.shape == label.shape
+    for value in np.unique(label)[1:]:
+        dice = (
+            2
+            * ((back == value) & (label == value)).sum()
+            / ((back == value).sum() + (label == value).sum())
+        )
+        assert dice > 0.9, (value, dice)
+
+
+def test_evaluate_scores_a_split_as_the_fine_tuning_validated_it(
+    mr_model, scanner_corpus, tmp_path
+):
+    """The CSV of ``python -m mixcl_ray.evaluate`` on the validation split: one row per case,
+    one column per organ, and a mean equal to the fine-tuning's own validation Dice (same
+    weights, same sliding window)."""
+    import csv
+
+    storage, result = mr_model
+    table = tmp_path / "val.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixcl_ray.evaluate", "--model", str(result.best_model)]
+        + ["--data", str(scanner_corpus[2]), "--split", "val", "--csv", str(table)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(table.open()))
+    val_ids = read_splits(scanner_corpus[2])["sources"][MR_NAME]["val"]
+    assert [r["case_id"] for r in rows] == sorted(val_ids) + ["mean"]
+    assert list(rows[0]) == ["case_id", "liver", "spleen", "kidney", "mean"]
+    mean = float(rows[-1]["mean"])
+    assert mean == pytest.approx(result.metrics["val/best_dice_mean"], abs=1e-6)
+    assert f"mean Dice on val: {mean:.4f}" in proc.stdout
