@@ -30,7 +30,8 @@ def main() -> None:
     from data_prep.cli import default_benchmark
     from data_prep.prepare import prepare
     from mixcl_ray.finetune import run_finetuning
-    from mixcl_ray.pretrain import init_ray, run_pretraining
+    from mixcl_ray.pretrain import run_pretraining
+    from mixcl_ray.ray_start import init_ray
 
     init_ray()
     if not (args.data / "manifest.json").exists():

@@ -105,7 +105,7 @@ def run_ray(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: i
     import ray
 
     from mixcl_ray.feed import build_pretrain_dataset
-    from mixcl_ray.pretrain import init_ray
+    from mixcl_ray.ray_start import init_ray
 
     init_ray(num_cpus=workers, include_dashboard=False)
     config = pretrain_config(size, ppc)

@@ -39,7 +39,8 @@ def overrides(backbone: str, size: int, smoke: bool, steps: int, cases: int) -> 
 def ours(data: Path, over: dict, smoke: bool, shuffle_buffer: int | None) -> dict:
     import ray
 
-    from mixcl_ray.pretrain import init_ray, run_pretraining
+    from mixcl_ray.pretrain import run_pretraining
+    from mixcl_ray.ray_start import init_ray
     from mixcl_ray.train_config import load_config
 
     gpu = not smoke

@@ -133,7 +133,8 @@ def run_ours(
     import ray
 
     from mixcl_ray.feed import pretraining_cases, should_cache
-    from mixcl_ray.pretrain import init_ray, run_pretraining
+    from mixcl_ray.pretrain import run_pretraining
+    from mixcl_ray.ray_start import init_ray
     from mixcl_ray.train_config import PretrainConfig, from_dict
 
     config = from_dict(PretrainConfig, _config(size, batch, workers, object_store_mb))

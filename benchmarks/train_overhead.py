@@ -78,7 +78,8 @@ def ray_train(data: Path, overrides: dict, storage: Path) -> tuple[float, float,
     """(steps/s after the first epoch, data-wait share after the first epoch, history)."""
     import ray
 
-    from mixcl_ray.pretrain import init_ray, run_pretraining
+    from mixcl_ray.pretrain import run_pretraining
+    from mixcl_ray.ray_start import init_ray
     from mixcl_ray.train_config import load_config
 
     init_ray(num_cpus=os.cpu_count())  # with the dashboard: Train wants it

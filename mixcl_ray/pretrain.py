@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -161,7 +160,6 @@ def run_pretraining(
     config: PretrainConfig,
     name: str | None = None,
     callbacks: list | None = None,
-    fail_after_epoch: int | None = None,
 ) -> PretrainResult:
     """Pre-train with Ray Train (Ray must be initialised). Re-running with the same storage and
     name resumes from the last checkpoint."""
@@ -190,7 +188,6 @@ def run_pretraining(
         "config": config_dict,
         "steps_per_epoch": steps_per_epoch,
         "torch_threads": max(1, int(per_worker)),
-        "fail_after_epoch": fail_after_epoch,
     }
     folder, metrics, extra = fit_stage(
         pretrain_loop, loop_config, config, per_worker, storage, name, callbacks, dataset
@@ -204,48 +201,6 @@ def run_pretraining(
         name,
         extra.get("hardware"),
     )
-
-
-# Ray Train's controller polls its workers every 2 s by default, so a fit notices its start and
-# its end up to 2 s late. Measured (an empty 2-worker fit on 2 CPUs, 3 in a row): 14.4-15.9 s
-# at 2 s, 11.1-11.5 s at 0.5 s (after the first). One status call per worker every 0.5 s.
-TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
-# Ray Train starts one more actor process per fit, a watcher that polls for draining nodes and
-# hands the news to ``ray.train.get_preemption_info()``, which no mixcl_ray loop reads (a lost
-# node restarts the group from its last checkpoint either way). Each actor process costs about
-# 1.5 CPU-seconds to start (Python, Ray, Ray Train's modules), paid while the fit's workers start.
-PREEMPTION_ENV, PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"
-# what every process of the job gets unless this process's environment sets it
-JOB_ENV_DEFAULTS = {TRAIN_POLL_ENV: TRAIN_POLL_S, PREEMPTION_ENV: PREEMPTION_WATCHER}
-
-
-def init_ray(address: str | None = None, **ray_init) -> None:
-    """Start (or join) Ray as every mixcl_ray process does: quiet logs, and for every process
-    of the job (on every node) the setup hook that makes Ray Data re-read its limits often
-    (``RAY_RUNTIME_ENV``), Ray Train's 0.5 s poll and no preemption watcher
-    (``JOB_ENV_DEFAULTS``; a value set in this process's environment wins). ``ray_init``: more
-    ``ray.init`` arguments (``num_cpus``, ``include_dashboard``, ...), overriding those."""
-    import logging
-
-    import ray
-
-    from mixcl_ray.feed import RAY_RUNTIME_ENV, refresh_limits_often
-
-    if not ray.is_initialized():
-        runtime_env = {
-            **RAY_RUNTIME_ENV,
-            "env_vars": {k: os.environ.get(k, v) for k, v in JOB_ENV_DEFAULTS.items()},
-        }
-        options = dict(logging_level="WARNING", log_to_driver=False, runtime_env=runtime_env)
-        ray.init(address=address, **{**options, **ray_init})
-    refresh_limits_often()  # datasets iterated in this process execute here
-    from ray.data import DataContext
-
-    context = DataContext.get_current()  # the stages report their own progress per epoch
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
             config = merge(config, overrides_from_args(args))
         ensure_writable(args.storage)
+        from mixcl_ray.ray_start import init_ray
+
         init_ray(args.address)
         result = run_pretraining(args.data, args.storage, config, args.name)
     except (ValueError, OSError) as err:  # OSError: missing files, an object store refused

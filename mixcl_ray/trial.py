@@ -283,7 +283,7 @@ def run_trial(config: dict, sweep: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mixcl_ray.finetune import run_finetuning
-    from mixcl_ray.pretrain import init_ray
+    from mixcl_ray.ray_start import init_ray
     from mixcl_ray.train_config import load_config, to_dict
     from mixcl_ray.train_utils import resume_epoch
 

@@ -96,7 +96,7 @@ def run_sweep(
     from ray import tune
 
     from data_prep.reader import read_manifest
-    from mixcl_ray.pretrain import init_ray
+    from mixcl_ray.ray_start import init_ray
     from mixcl_ray.report import make_report
     from mixcl_ray.trial import run_trial
 
