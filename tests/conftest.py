@@ -1,4 +1,5 @@
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -8,7 +9,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def start_test_ray():
-    from mixcl_ray.pretrain import init_ray
+    from mixcl_ray.ray_start import init_ray
 
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: socket paths < 107 chars
     init_ray(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)  # as the product starts it
@@ -43,11 +44,41 @@ def ray_paused():
     yield
 
 
+# fixtures that start Ray or a server, or write a corpus: a test that uses one is in the slow tier
+SLOW_FIXTURES = {
+    "ray_session",
+    "ray_paused",
+    "prepared_benchmark",
+    "synthetic_benchmark",
+    "scanner_corpus",
+    "mlflow_server",
+    "s3_env",
+}
+
+
 def pytest_collection_modifyitems(items):
-    """Tests that pause the session's Ray instance run last (otherwise in their usual order):
-    the instance then stops once, not once per such module and back again after it (each
-    start costs about 5 s and a dozen processes)."""
+    """Tests that use Ray or a server are marked ``slow`` (``-m "not slow"`` is the fast tier).
+    Tests that pause the session's Ray instance run last (otherwise in their usual order): the
+    instance then stops once, not once per such module and back again after it (each start
+    costs about 5 s and a dozen processes)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: "ray_paused" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_leave_ray_alone(request):
+    """A test outside the slow tier that starts Ray fails: the fast tier runs without a cluster."""
+
+    def running():
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    before = running()
+    yield
+    if not before and running() and not request.node.get_closest_marker("slow"):
+        sys.modules["ray"].shutdown()
+        pytest.fail("this test started Ray: mark it slow (pytest.mark.slow) or use ray_session")
 
 
 def pytest_runtest_setup(item):

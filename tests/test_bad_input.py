@@ -182,6 +182,7 @@ def test_skip_bad_prepares_the_rest(kind, tmp_path, ray_session):
     assert manifest["skipped"] == result.skipped
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_case_and_exits_non_zero(tmp_path):
     root = make_msd(tmp_path / "Task09_Bad", n=2)
     _nan_voxels(root)

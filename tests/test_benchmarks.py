@@ -7,9 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_mixcl_step_benchmark_smoke():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/mixcl_step.py"), "--skip-large", "--repeats", "1"],
@@ -277,6 +280,7 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
     assert len(json.loads(earlier.read_text())["superseded"]) == 3
 
 
+@pytest.mark.slow
 def test_label_efficiency_records_only_a_sweep_of_its_own_run(tmp_path, monkeypatch):
     """The cells recorded after a study are those of a sweep that began in that run: a study
     that failed before its sweep started does not record an older sweep's cells again."""

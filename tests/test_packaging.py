@@ -5,6 +5,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "mixcl-data-prep": "data_prep.cli:main",
@@ -17,6 +19,7 @@ SCRIPTS = {
 }
 
 
+@pytest.mark.slow
 def test_a_wheel_install_finds_the_shipped_spaces_by_name_and_has_the_commands(tmp_path):
     def pip(*args):
         proc = subprocess.run(

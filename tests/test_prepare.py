@@ -231,6 +231,7 @@ def test_inspect_cli_summarises(prepared_benchmark):
         assert expected in text
 
 
+@pytest.mark.slow
 def test_the_cli_imports_torch_and_monai_only_to_transform_cases():
     """``python -m data_prep --help``, ``inspect`` and ``synthetic`` answer without the 3-5 s
     that importing torch and MONAI takes; the transforms import them where they run."""
@@ -246,6 +247,7 @@ def test_the_cli_imports_torch_and_monai_only_to_transform_cases():
     assert proc.stdout.split("\n")[:2] == ["[]", "['monai', 'torch']"], proc.stdout
 
 
+@pytest.mark.slow
 def test_prepare_shuts_down_the_ray_it_started(tmp_path):
     """A caller that prepares data, then starts Ray its own way (another address, other
     resources, as the sweep and the benchmarks do), must not find prepare's instance."""

@@ -42,6 +42,7 @@ def test_ensure_writable(tmp_path, unwritable):
         ["mixcl_ray.finetune", "--data", "{data}", "--label-fraction", "0.05"],
     ],
 )
+@pytest.mark.slow
 def test_commands_refuse_unwritable_storage_before_compute(command, unwritable, tmp_path):
     argv = [a.replace("{data}", str(tmp_path)) for a in command]
     env = dict(os.environ, RAY_ADDRESS="")

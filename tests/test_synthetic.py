@@ -4,6 +4,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from data_prep.synthetic import ORGAN_HU, SOURCES, TARGET, generate, make_phantom
 
@@ -15,6 +16,7 @@ def _arrays(root):
     }
 
 
+@pytest.mark.slow
 def test_deterministic_by_seed(tmp_path):
     a = _arrays(generate(tmp_path / "a", seed=11, max_cases=1, progress=False))
     b = _arrays(generate(tmp_path / "b", seed=11, max_cases=1, progress=False))
