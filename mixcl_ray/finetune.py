@@ -51,6 +51,7 @@ def finetune_loop(loop_config: dict) -> None:
         training_state,
     )
 
+    loop_start = time.time()  # wall clock: the driver compares it with its own (fit_cost)
     cfg = from_dict(FinetuneConfig, loop_config["config"])
     torch.set_num_threads(max(1, int(loop_config["torch_threads"])))
     ctx = ray.train.get_context()
@@ -96,7 +97,9 @@ def finetune_loop(loop_config: dict) -> None:
         )
     ]
     shard = ray.train.get_dataset_shard("train")
+    report_s = 0.0  # the previous epoch's report (checkpoint upload included)
     for epoch in range(start_epoch, cfg.optim.epochs):
+        epoch_start = time.time()
         model.train()
         total, batches, patches, wait = 0.0, 0, 0, 0.0
         start = tick = time.perf_counter()
@@ -123,12 +126,20 @@ def finetune_loop(loop_config: dict) -> None:
             "train/data_wait_share": wait / seconds,
             "train/lr": scheduler.get_last_lr()[0],
             "resumed_from_epoch": start_epoch,  # > 0: this worker group restarted there
+            # where the time goes (seconds; benchmarks/fit_cost.py adds them up)
+            "time/train_s": seconds,
+            "time/data_wait_s": wait,
+            "time/prev_report_s": report_s,
         }
+        if epoch == start_epoch:  # model, optimiser, resume and validation cases
+            metrics["time/loop_start"] = loop_start
+            metrics["time/setup_s"] = epoch_start - loop_start
         if load_report is not None:
             metrics["pretrained/loaded_tensors"] = len(load_report.loaded)
         if len(optimizer.param_groups) > 1:  # the loaded (or scale_scratch) parameters' rate
             metrics["train/lr_pretrained"] = scheduler.get_last_lr()[1]
         validate = (epoch + 1) % cfg.val_every == 0 or epoch == cfg.optim.epochs - 1
+        tick = time.perf_counter()
         if validate:
             results = {}
             for part in gather(
@@ -154,6 +165,8 @@ def finetune_loop(loop_config: dict) -> None:
             metrics["val/best_dice_mean"] = best["dice"]
         else:
             improved = False
+        metrics["time/val_s"] = time.perf_counter() - tick
+        tick = time.perf_counter()
         if rank == 0:
             history.append(metrics)
             state = training_state(
@@ -174,6 +187,9 @@ def finetune_loop(loop_config: dict) -> None:
                 with_card = {**best_weights, "card": loop_config["model_card"]}
                 extra[BEST_FILE] = lambda p, w=with_card: torch.save(w, p)
             folder = save_checkpoint_dir(state, extra)
+            metrics["time/save_s"] = time.perf_counter() - tick
+            metrics["time/epoch_end"] = time.time()
+            tick = time.perf_counter()
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -182,6 +198,7 @@ def finetune_loop(loop_config: dict) -> None:
             )
         else:
             ray.train.report(metrics)
+        report_s = time.perf_counter() - tick
         maybe_inject_failure(loop_config, epoch)
 
 
@@ -203,7 +220,6 @@ def run_finetuning(
     pretrained=None,
     name: str | None = None,
     callbacks: list | None = None,
-    fail_after_epoch: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune with Ray Train (Ray must be initialised); resumes a run of the same name."""
     import ray
@@ -266,7 +282,6 @@ def run_finetuning(
         "pretrained": str(pretrained) if pretrained else None,
         "steps_per_epoch": max(1, per_epoch // (config.patches.batch_size * workers)),
         "torch_threads": max(1, int(per_worker)),
-        "fail_after_epoch": fail_after_epoch,
         "model_card": model_card,
     }
     folder, metrics, extra = fit_stage(
@@ -322,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mixcl_ray.pretrain import init_ray
+    from mixcl_ray.ray_start import init_ray
 
     args = build_parser().parse_args(argv)
     overrides: dict = {"label_fraction": args.label_fraction}

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -211,8 +212,19 @@ def gather(obj) -> list:
     return out
 
 
+# test-only fault injection: set in the driver's environment, every rank of the next fits
+# fails after that epoch (the resume tests); not part of any command's interface
+FAIL_AFTER_EPOCH_ENV = "MIXCL_TEST_FAIL_AFTER_EPOCH"
+
+
+def injected_failure_epoch() -> int | None:
+    value = os.environ.get(FAIL_AFTER_EPOCH_ENV)
+    return int(value) if value else None
+
+
 def maybe_inject_failure(loop_config: dict, epoch: int) -> None:
-    """Fault injection for the resume tests: fail every rank after ``fail_after_epoch``.
+    """Fail every rank after ``loop_config["fail_after_epoch"]`` (set by ``fit_stage`` from
+    ``MIXCL_TEST_FAIL_AFTER_EPOCH``).
 
     The ranks meet first, so every rank's report of this epoch is queued before any rank
     fails: rank 1 reports at once while rank 0 still uploads the checkpoint, and a controller
@@ -268,7 +280,7 @@ def fit_stage(
     scaling = config.scaling
     trainer = TorchTrainer(
         loop,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "fail_after_epoch": injected_failure_epoch()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.workers,
             use_gpu=scaling.use_gpu,

@@ -2,10 +2,13 @@
 pre-training, checkpoints that resume, fine-tuning that loads the encoder and learns."""
 
 import json
+import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,13 @@ from mixcl_ray.finetune import BEST_FILE, run_finetuning
 from mixcl_ray.models import MixCLModel, SegmentationNet, load_pretrained
 from mixcl_ray.pretrain import run_pretraining
 from mixcl_ray.train_config import FinetuneConfig, load_config, merge, to_dict
-from mixcl_ray.train_utils import SNAPSHOT_FILE, hardware, load_checkpoint_state, resume_epoch
+from mixcl_ray.train_utils import (
+    FAIL_AFTER_EPOCH_ENV,
+    SNAPSHOT_FILE,
+    hardware,
+    load_checkpoint_state,
+    resume_epoch,
+)
 
 pytestmark = pytest.mark.slow
 QUICK = {"optim": {"epochs": 1}, "patches": {"patches_per_case": 1, "batch_size": 2}}
@@ -42,6 +51,16 @@ def pretrained(ray_session, prepared_benchmark, tmp_path_factory):
     return run_pretraining(
         prepared_benchmark, tmp_path_factory.mktemp("store"), config, name="two-workers"
     )
+
+
+@contextmanager
+def failing_after_epoch(epoch: int):
+    """The fits started inside fail on every rank after ``epoch`` (the test-only hook)."""
+    os.environ[FAIL_AFTER_EPOCH_ENV] = str(epoch)
+    try:
+        yield
+    finally:
+        del os.environ[FAIL_AFTER_EPOCH_ENV]
 
 
 def test_two_worker_pretraining_reports_every_term_and_checkpoints(pretrained):
@@ -91,8 +110,8 @@ def test_interrupted_pretraining_resumes_with_its_optimizer_state(
             "scaling": {"workers": 1, "max_failures": 0},
         },
     )
-    with pytest.raises(Exception, match="injected failure"):
-        run_pretraining(prepared_benchmark, tmp_path, config, name="resume", fail_after_epoch=0)
+    with pytest.raises(Exception, match="injected failure"), failing_after_epoch(0):
+        run_pretraining(prepared_benchmark, tmp_path, config, name="resume")
     first = load_checkpoint_state(tmp_path / "resume/epoch_0000")
     assert first["epoch"] == 0 and not (tmp_path / "resume/epoch_0001").exists()
     assert resume_epoch(tmp_path / "resume") == 1  # from the snapshot Ray Train wrote
@@ -205,8 +224,8 @@ def test_interrupted_finetuning_keeps_its_best_weights_and_ends_as_an_uninterrup
             "scale_scratch": True,
         },
     )
-    with pytest.raises(Exception, match="injected failure"):
-        run_finetuning(prepared_benchmark, tmp_path, config, name="ft", fail_after_epoch=0)
+    with pytest.raises(Exception, match="injected failure"), failing_after_epoch(0):
+        run_finetuning(prepared_benchmark, tmp_path, config, name="ft")
     assert (tmp_path / "ft/epoch_0000" / BEST_FILE).exists()
     result = run_finetuning(prepared_benchmark, tmp_path, config, name="ft")  # resumes
     assert [h["epoch"] for h in result.history] == [0, 1]
@@ -230,7 +249,7 @@ def test_interrupted_finetuning_keeps_its_best_weights_and_ends_as_an_uninterrup
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_path):
+def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_path, monkeypatch):
     config = load_config(
         "finetune",
         overrides={
@@ -240,10 +259,20 @@ def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_
             "val_every": 4,  # validated after epochs 4 and 7: the training cases are checked
         },
     )
+    fit_call = time.time()
     result = run_finetuning(prepared_benchmark, tmp_path, config)
+    fit_return = time.time()
     losses = [h["train/loss"] for h in result.history]
     dice = [h["val/dice_mean"] for h in result.history if "val/dice_mean" in h]
     assert len(dice) == 2
+    # the workers' own timings split the fit into disjoint phases (benchmarks/fit_cost.py)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fit_cost import phases
+
+    seconds = phases(result.history, result.metrics, fit_call, fit_return)
+    assert all(v >= -0.05 for v in seconds.values()), seconds
+    assert seconds["training steps"] > seconds["validation"] > 0, seconds
+    assert sum(seconds.values()) == pytest.approx(fit_return - fit_call)
     # The test split of this benchmark is small (6 training cases, 2 validation cases with
     # small spleens), so the network memorises the training cases and its validation Dice
     # swings between runs (measured best: 0.06 to 0.28): what is checked is that it learned the
@@ -354,7 +383,7 @@ def test_every_ray_process_rereads_the_data_limits_often_and_polls_train_workers
     ray.kill(probe)
     # and Ray Train's controller (an actor of the job) polls its workers every 0.5 s and
     # starts no preemption watcher
-    from mixcl_ray.pretrain import PREEMPTION_ENV, TRAIN_POLL_ENV
+    from mixcl_ray.ray_start import PREEMPTION_ENV, TRAIN_POLL_ENV
 
     def env(name):
         import os
