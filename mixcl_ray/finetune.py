@@ -356,7 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config("finetune", args.preset, args.config, overrides)
         ensure_writable(args.storage)
         init_ray(args.address)
-        result = run_finetuning(args.data, args.storage, config, args.pretrained, args.name)
+        from mixcl_ray.progress import EpochLines
+
+        with EpochLines("finetune", config.optim.epochs) as lines:
+            result = run_finetuning(
+                args.data, args.storage, config, args.pretrained, args.name, [lines.callback]
+            )
     except (ValueError, OSError) as err:  # OSError: missing files, an object store refused
         print(f"error: {err}", file=sys.stderr)
         return 2

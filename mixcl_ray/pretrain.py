@@ -270,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         from mixcl_ray.ray_start import init_ray
 
         init_ray(args.address)
-        result = run_pretraining(args.data, args.storage, config, args.name)
+        from mixcl_ray.progress import EpochLines
+
+        with EpochLines("pretrain", config.optim.epochs) as lines:
+            result = run_pretraining(
+                args.data, args.storage, config, args.name, callbacks=[lines.callback]
+            )
     except (ValueError, OSError) as err:  # OSError: missing files, an object store refused
         print(f"error: {err}", file=sys.stderr)
         return 2

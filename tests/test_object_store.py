@@ -109,6 +109,13 @@ def test_prepare_and_resume_pretraining_on_an_object_store(s3, synthetic_benchma
     assert rc == 0, out[-4000:]
     metrics = json.loads(re.search(r"^\{$.*?^\}$", out, re.S | re.M).group(0))
     assert metrics["epoch"] == 1 and metrics["resumed_from_epoch"] == 1  # epoch 0 not redone
+    # the resumed run's line per epoch: its one new epoch, with every loss term
+    lines = re.findall(r"^pretrain epoch .*$", out, re.M)
+    assert len(lines) == 1 and lines[0].startswith("pretrain epoch 2/2  loss "), out[-4000:]
+    terms = {k[len("train/loss_") :]: v for k, v in metrics.items() if k.startswith("train/loss_")}
+    assert {"identity", "label", "reconstruction"} <= set(terms), metrics
+    for term, value in {"loss": metrics["train/loss"], **terms}.items():
+        assert f" {term} {value:.4f}" in lines[0], lines
     assert f"final checkpoint {storage}/p/epoch_0001" in out
     assert locations.is_file(f"{storage}/p/epoch_0001/pretrained.pt")
     assert not (tmp_path / "runs").exists()  # nothing fell back to a local folder

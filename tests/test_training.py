@@ -199,6 +199,9 @@ def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path
     assert m["pretrained/loaded_tensors"] == len(report.loaded) == 40
     assert m["train/lr_pretrained"] == pytest.approx(0.1 * m["train/lr"])
     assert f"trained on: {hardware(torch.device('cpu'))}\n" in out
+    # a line per epoch while it runs, from the values the fit reported
+    line = f"finetune epoch 1/1  loss {m['train/loss']:.4f}  val Dice {m['val/dice_mean']:.4f}  "
+    assert re.search(rf"^{re.escape(line)}[\d.]+ patches/s  left 0s$", out, re.M), out
     assert "val/dice/spleen" in m and m["val/dice_mean"] == pytest.approx(m["val/dice/spleen"])
     best_file = Path(re.search(r"best weights (\S+)$", out.strip()).group(1))
     assert "fine-tuning finetune-" in out and best_file.exists()
