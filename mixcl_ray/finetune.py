@@ -333,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--name", help="run name (default: derived from config, so re-runs resume)")
     parser.add_argument("--address", help="Ray address (e.g. auto); default: start Ray locally")
+    parser.add_argument(
+        "--experiment",
+        default="mixcl_ray-finetune",
+        help="MLflow experiment (the store: <storage>/mlflow.db, or MLFLOW_TRACKING_URI)",
+    )
     return parser
 
 
@@ -354,13 +359,42 @@ def main(argv: list[str] | None = None) -> int:
         overrides.setdefault("scaling", {})["use_gpu"] = True
     try:
         config = load_config("finetune", args.preset, args.config, overrides)
-        ensure_writable(args.storage)
+        storage = ensure_writable(args.storage)
         init_ray(args.address)
+        from data_prep.reader import read_manifest
         from mixcl_ray.progress import EpochLines
+        from mixcl_ray.run_tracking import StandaloneRun
+        from mixcl_ray.trial import trial_params
 
-        with EpochLines("finetune", config.optim.epochs) as lines:
+        method = "pretrained" if args.pretrained else "scratch"
+        context = {
+            "preset": config.preset,
+            "fingerprint": read_manifest(args.data)["input_fingerprint"],
+        }
+        params = trial_params({"method": method}, None, config, context)
+        if args.pretrained:  # what trial_params reads from the pre-training's config
+            params["load_decoder"] = config.load_decoder
+            params["pretrained_lr_scale"] = config.pretrained_lr_scale
+        run_name = f"{method} {100 * config.label_fraction:g}% seed {config.optim.seed}"
+        with (
+            StandaloneRun("finetune", storage, args.experiment, run_name, params) as run,
+            EpochLines("finetune", config.optim.epochs) as lines,
+        ):
             result = run_finetuning(
-                args.data, args.storage, config, args.pretrained, args.name, [lines.callback]
+                args.data,
+                storage,
+                config,
+                args.pretrained,
+                args.name,
+                [lines.callback, *run.callbacks],
+            )
+            run.finish(
+                {
+                    "best_checkpoint": describe(result.best_model),
+                    "pretrained_weights": describe(args.pretrained) if args.pretrained else "",
+                    "load_report": result.load_summary or "",
+                    "hardware": result.hardware,
+                }
             )
     except (ValueError, OSError) as err:  # OSError: missing files, an object store refused
         print(f"error: {err}", file=sys.stderr)

@@ -239,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", help="run name (default: derived from config and data, so re-runs resume)"
     )
     parser.add_argument("--address", help="Ray address (e.g. auto); default: start Ray locally")
+    parser.add_argument(
+        "--experiment",
+        default="mixcl_ray-pretrain",
+        help="MLflow experiment (the store: <storage>/mlflow.db, or MLFLOW_TRACKING_URI)",
+    )
     return parser
 
 
@@ -266,16 +271,29 @@ def main(argv: list[str] | None = None) -> int:
             from mixcl_ray.train_config import merge
 
             config = merge(config, overrides_from_args(args))
-        ensure_writable(args.storage)
+        storage = ensure_writable(args.storage)
         from mixcl_ray.ray_start import init_ray
 
         init_ray(args.address)
+        from data_prep.reader import read_manifest
         from mixcl_ray.progress import EpochLines
+        from mixcl_ray.run_tracking import StandaloneRun
+        from mixcl_ray.trial import pretrain_params
 
-        with EpochLines("pretrain", config.optim.epochs) as lines:
+        context = {
+            "preset": config.preset,
+            "fingerprint": read_manifest(args.data)["input_fingerprint"],
+        }
+        params = pretrain_params(config, context, args.name or "")
+        run_name = args.name or f"pretrain seed {config.optim.seed}"
+        with (
+            StandaloneRun("pretrain", storage, args.experiment, run_name, params) as run,
+            EpochLines("pretrain", config.optim.epochs) as lines,
+        ):
             result = run_pretraining(
-                args.data, args.storage, config, args.name, callbacks=[lines.callback]
+                args.data, storage, config, args.name, callbacks=[lines.callback, *run.callbacks]
             )
+            run.finish({"checkpoint": describe(result.checkpoint), "hardware": result.hardware})
     except (ValueError, OSError) as err:  # OSError: missing files, an object store refused
         print(f"error: {err}", file=sys.stderr)
         return 2

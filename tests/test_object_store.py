@@ -103,6 +103,7 @@ def test_prepare_and_resume_pretraining_on_an_object_store(s3, synthetic_benchma
     )
     assert rc == 0, out[-4000:]
     assert "epoch_0000" in locations.list_names(f"{storage}/p")
+    assert "not tracked in MLflow: an object store cannot hold" in out  # and it still trained
     rc, out = _run(
         "mixcl_ray.pretrain", [*common, "--config", str(config), "--epochs", "2"], s3, tmp_path
     )

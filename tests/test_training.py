@@ -207,6 +207,22 @@ def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path
     assert "fine-tuning finetune-" in out and best_file.exists()
     best = torch.load(best_file, weights_only=True)
     assert best["dice"] == pytest.approx(m["val/best_dice_mean"], abs=1e-4) and best["epoch"] == 0
+    # tracked in MLflow as a sweep's trial is: the local store under --storage (the JSON
+    # above rounds to 4 places)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mixcl_ray-finetune")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert f"MLflow run {run.info.run_id} in sqlite:///" in out
+    assert run.info.status == "FINISHED" and run.info.run_name == "pretrained 50% seed 0"
+    assert run.data.params["method"] == "pretrained" and run.data.params["label_fraction"] == "0.5"
+    assert run.data.params["pretrained_lr_scale"] == "0.1"
+    (loss,) = client.get_metric_history(run.info.run_id, "train/loss")
+    assert loss.step == 0 and loss.value == pytest.approx(m["train/loss"], abs=1e-4)
+    assert run.data.metrics["val/dice_mean"] == pytest.approx(m["val/dice_mean"], abs=1e-4)
+    assert run.data.tags["best_checkpoint"] == str(best_file)
+    assert run.data.tags["mixcl.stage"] == "finetune"
 
 
 def test_interrupted_finetuning_keeps_its_best_weights_and_ends_as_an_uninterrupted_one(
@@ -501,3 +517,33 @@ def test_the_feed_budget_reaches_ray_data_and_is_checked():
     assert default.resource_limits.object_store_memory != 64 * 2**20
     with pytest.raises(ValueError, match="object_store_mb"):
         load_config("pretrain", overrides={"patches": {"object_store_mb": -1}})
+
+
+def test_pretrain_cli_is_tracked_with_a_sweeps_param_and_metric_names(prepared_benchmark, tmp_path):
+    small = tmp_path / "small.yaml"
+    small.write_text("patches: {patches_per_case: 1, batch_size: 2}\n")
+    args = ["--data", str(prepared_benchmark), "--storage", str(tmp_path), "--epochs", "1"]
+    args += ["--workers", "1", "--config", str(small), "--experiment", "pre"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixcl_ray.pretrain", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("pre").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["mixcl.stage"] == "pretrain"
+    loss = load_config("pretrain").loss
+    assert run.data.params["l_id"] == str(loss.l_id) and run.data.params["epochs"] == "1"
+    (epoch,) = client.get_metric_history(run.info.run_id, "train/loss")
+    line = re.search(r"^pretrain epoch 1/1  loss (\S+)  ", proc.stdout, re.M)
+    assert line and float(line.group(1)) == pytest.approx(epoch.value, abs=1e-4), proc.stdout
+    assert {"train/loss_identity", "train/loss_label", "train/patches_per_s"} <= set(
+        run.data.metrics
+    )
+    assert run.data.tags["checkpoint"].endswith("epoch_0000")
