@@ -285,12 +285,34 @@ def test_label_loss_without_positives_is_zero_with_gradient():
     assert loss.item() == 0.0 and emb.grad is not None
 
 
-def test_losses_pass_gradcheck():
+def test_identity_loss_passes_gradcheck():
     z1 = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
     z2 = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda a, b: IdentityConsistencyLoss(0.5)(a, b).double(), (z1, z2)
     )
+
+
+def test_label_loss_passes_gradcheck_with_partial_labels():
+    # two organs, background voxels of a source that annotates organ 1 only (known negatives
+    # of organ 1, left out of organ 2's denominator): every kind of pair in the gradient
+    torch.manual_seed(0)
+    emb = torch.randn(8, 5, dtype=torch.double, requires_grad=True)
+    labels = torch.tensor([1, 1, 1, 2, 2, 0, 0, 2])
+    annotated = torch.ones(8, 3, dtype=torch.bool)
+    annotated[5:7, 2] = False
+    loss_fn = LabelConsistencyLoss(0.2)
+    assert loss_fn(emb, labels, annotated).item() > 0
+    assert torch.autograd.gradcheck(lambda e: loss_fn(e, labels, annotated), (emb,))
+
+
+@pytest.mark.parametrize("kind", ["l1", "mse"])
+def test_reconstruction_loss_passes_gradcheck(kind):
+    torch.manual_seed(0)
+    restored = torch.rand(2, 1, 3, 3, 3, dtype=torch.double, requires_grad=True)
+    clean = torch.rand(2, 1, 3, 3, 3, dtype=torch.double)
+    loss_fn = ReconstructionConsistencyLoss(kind)
+    assert torch.autograd.gradcheck(lambda r: loss_fn(r, clean), (restored,))
 
 
 def test_reconstruction_matches_reference():
