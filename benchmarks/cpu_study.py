@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from mixcl_ray.train_config import load_config
+from mixcl_ray.config import load_config
 
 
 def main() -> None:

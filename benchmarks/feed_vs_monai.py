@@ -90,7 +90,7 @@ class TreeMemory:
 
 
 def pretrain_config(size: int, patches_per_case: int) -> dict:
-    from mixcl_ray.train_config import load_config, to_dict
+    from mixcl_ray.config import load_config, to_dict
 
     return to_dict(
         load_config(
@@ -104,6 +104,7 @@ def run_ray(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: i
     """Our feed: Ray Data tasks sample and augment, the consumer iterates batches."""
     import ray
 
+    from mixcl_ray.config import PretrainConfig, from_dict
     from mixcl_ray.feed import build_pretrain_dataset
     from mixcl_ray.ray_start import init_ray
 
@@ -115,7 +116,8 @@ def run_ray(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: i
     times, counts = [], []
     with TreeMemory() as memory:
         start = time.perf_counter()
-        ds = build_pretrain_dataset(data, config)  # reads, decodes, materialises the cases
+        # reads, decodes, materialises the cases
+        ds = build_pretrain_dataset(data, from_dict(PretrainConfig, config))
         for _ in range(epochs):
             n = 0
             for b in ds.iter_batches(batch_size=batch, batch_format="numpy", drop_last=False):
@@ -165,6 +167,7 @@ def run_monai(
 def profile(data: Path, size: int, ppc: int, cases: int = 6) -> dict:
     """Where a patch's time goes: sampling/cropping, views, corruptions (in one process)."""
     from data_prep.reader import load_case
+    from mixcl_ray.config import PretrainConfig, from_dict
     from mixcl_ray.data.corruptions import corrupt
     from mixcl_ray.data.pairs import restored_views
     from mixcl_ray.data.patches import sample_patches
@@ -175,7 +178,6 @@ def profile(data: Path, size: int, ppc: int, cases: int = 6) -> dict:
         random_spatial,
     )
     from mixcl_ray.feed import pretraining_cases
-    from mixcl_ray.train_config import PretrainConfig, from_dict
 
     cfg = from_dict(PretrainConfig, pretrain_config(size, ppc))
     restored = restored_views(cfg.loss.l_id, cfg.loss.l_label, cfg.loss.l_rec)

@@ -57,10 +57,10 @@ def main() -> None:
     print(common.machine(), flush=True)
     data = common.ensure_data(args.data)
 
+    from mixcl_ray.config import load_config
     from mixcl_ray.finetune import run_finetuning
     from mixcl_ray.ray_start import init_ray
     from mixcl_ray.spaces import load_space
-    from mixcl_ray.train_config import load_config
     from mixcl_ray.trial import _deep
 
     spec = load_space(args.space)

@@ -39,9 +39,9 @@ def overrides(backbone: str, size: int, smoke: bool, steps: int, cases: int) -> 
 def ours(data: Path, over: dict, smoke: bool, shuffle_buffer: int | None) -> dict:
     import ray
 
+    from mixcl_ray.config import load_config
     from mixcl_ray.pretrain import run_pretraining
     from mixcl_ray.ray_start import init_ray
-    from mixcl_ray.train_config import load_config
 
     gpu = not smoke
     init_ray(**({"num_cpus": 2} if smoke else {}))  # with the dashboard: Train uses it
@@ -69,9 +69,9 @@ def plain_monai(data: Path, over: dict, smoke: bool) -> dict:
     from monai.data import CacheDataset, DataLoader
     from monai_pipeline import monai_items, monai_transform
 
+    from mixcl_ray.config import load_config, to_dict
     from mixcl_ray.losses import MixCLLoss, view_outputs
     from mixcl_ray.models import MixCLModel
-    from mixcl_ray.train_config import load_config, to_dict
     from mixcl_ray.train_utils import autocast, build_optimizer, grad_scaler
 
     device = torch.device("cpu" if smoke else "cuda")

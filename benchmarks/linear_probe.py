@@ -174,9 +174,9 @@ def main(argv=None) -> int:
 
     from data_prep.reader import load_case, read_splits
     from data_prep.splits import fraction_key
+    from mixcl_ray.config import load_config
     from mixcl_ray.feed import class_lookup, target_source
     from mixcl_ray.pretrain import PRETRAINED_FILE
-    from mixcl_ray.train_config import load_config
 
     data = common.ensure_data(args.data)
     source = target_source(data)

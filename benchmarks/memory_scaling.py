@@ -45,8 +45,8 @@ WORKERS = 2  # Train workers of ours (default of --train-workers)
 
 def pretraining_bytes(data: Path) -> tuple[int, int]:
     """(cases a pre-training run reads, their decoded bytes)."""
+    from mixcl_ray.config import load_config
     from mixcl_ray.feed import decoded_bytes, pretraining_cases
-    from mixcl_ray.train_config import load_config
 
     cfg = load_config("pretrain")
     ids, _ = pretraining_cases(data, cfg.pretrain_label_fraction, cfg.target_images)
@@ -104,7 +104,7 @@ def replicate(src: Path, copies: int, out: Path) -> Path:
 
 def _config(size: int, batch: int, workers: int = 1, object_store_mb: int = 0) -> dict:
     """The pre-training config of one epoch; ``batch`` patches a step, split over ``workers``."""
-    from mixcl_ray.train_config import load_config, to_dict
+    from mixcl_ray.config import load_config, to_dict
 
     if batch % workers:
         raise SystemExit(f"--batch {batch} does not split over {workers} Train workers")
@@ -132,10 +132,10 @@ def run_ours(
     ``batch`` patches a step: the same steps as the MONAI loop's)."""
     import ray
 
+    from mixcl_ray.config import PretrainConfig, from_dict
     from mixcl_ray.feed import pretraining_cases, should_cache
     from mixcl_ray.pretrain import run_pretraining
     from mixcl_ray.ray_start import init_ray
-    from mixcl_ray.train_config import PretrainConfig, from_dict
 
     config = from_dict(PretrainConfig, _config(size, batch, workers, object_store_mb))
     with TreeMemory() as memory, tempfile.TemporaryDirectory() as storage:
@@ -189,10 +189,10 @@ def run_monai(data: Path, size: int, batch: int, object_store_mb: int = 0) -> di
     from monai.data import CacheDataset, DataLoader
 
     from data_prep.reader import read_manifest
+    from mixcl_ray.config import PretrainConfig, from_dict
     from mixcl_ray.feed import pretraining_cases
     from mixcl_ray.losses import MixCLLoss, view_outputs
     from mixcl_ray.models import MixCLModel
-    from mixcl_ray.train_config import PretrainConfig, from_dict
     from mixcl_ray.train_utils import build_optimizer, build_scheduler, grad_scaler, optimizer_step
 
     torch.set_num_threads(1)

@@ -15,7 +15,7 @@ class TwoViews:
     as the Ray feed, so both pipelines do the same augmentation work)."""
 
     def __init__(self, config: dict):
-        from mixcl_ray.train_config import PretrainConfig, from_dict
+        from mixcl_ray.config import PretrainConfig, from_dict
 
         self.cfg = from_dict(PretrainConfig, config)
 
@@ -76,7 +76,7 @@ def monai_views(size: int, config: dict) -> list:
         RandShiftIntensityd,
     )
 
-    from mixcl_ray.train_config import PretrainConfig, from_dict
+    from mixcl_ray.config import PretrainConfig, from_dict
 
     cfg = from_dict(PretrainConfig, config)
     v, c = cfg.views, cfg.corruptions

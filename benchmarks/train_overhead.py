@@ -26,10 +26,10 @@ def plain_loop(data: Path, config: dict, steps: int, threads: int) -> float:
     import torch
 
     from data_prep.reader import load_case, read_manifest
+    from mixcl_ray.config import PretrainConfig, from_dict
     from mixcl_ray.feed import _pretrain_case, _pretrain_examples, pretraining_cases
     from mixcl_ray.losses import MixCLLoss, view_outputs
     from mixcl_ray.models import MixCLModel
-    from mixcl_ray.train_config import PretrainConfig, from_dict
     from mixcl_ray.train_utils import (
         build_optimizer,
         build_scheduler,
@@ -46,7 +46,7 @@ def plain_loop(data: Path, config: dict, steps: int, threads: int) -> float:
         case = load_case(data, case_id)
         row = {**case, "annotated_classes": case["annotated_classes"]}
         one = _pretrain_case(row, frozenset(labelled), num_classes)
-        batch = _pretrain_examples({k: [v] for k, v in one.items()}, config, 0)
+        batch = _pretrain_examples({k: [v] for k, v in one.items()}, cfg, 0)
         examples += [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input1"]))]
     # every case, shuffled, as the feed mixes them: batches of one case each (the cases in id
     # order) had another share of labelled batches, and the label term's cost depends on it
@@ -78,9 +78,9 @@ def ray_train(data: Path, overrides: dict, storage: Path) -> tuple[float, float,
     """(steps/s after the first epoch, data-wait share after the first epoch, history)."""
     import ray
 
+    from mixcl_ray.config import load_config
     from mixcl_ray.pretrain import run_pretraining
     from mixcl_ray.ray_start import init_ray
-    from mixcl_ray.train_config import load_config
 
     init_ray(num_cpus=os.cpu_count())  # with the dashboard: Train wants it
     config = load_config("pretrain", overrides=overrides)
@@ -92,8 +92,8 @@ def ray_train(data: Path, overrides: dict, storage: Path) -> tuple[float, float,
         steps = [h["step"] - history[i]["step"] for i, h in enumerate(later)]
     else:
         steps = [history[0]["step"]]
-    seconds = sum(h["train/epoch_seconds"] for h in later)
-    wait = sum(h["train/data_wait_share"] * h["train/epoch_seconds"] for h in later) / seconds
+    seconds = sum(h["time/train_s"] for h in later)
+    wait = sum(h["time/data_wait_s"] for h in later) / seconds
     return sum(steps) / seconds, wait, history
 
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args(argv)
 
-    from mixcl_ray.train_config import load_config, to_dict
+    from mixcl_ray.config import load_config, to_dict
 
     data = common.ensure_data(args.data).absolute()
     overrides = {
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     print(
         "per epoch (Ray): "
         + ", ".join(
-            f"epoch {h['epoch']}: {h['train/epoch_seconds']:.1f} s, wait {100 * h['train/data_wait_share']:.1f} %"
+            f"epoch {h['epoch']}: {h['time/train_s']:.1f} s, wait {100 * h['train/data_wait_share']:.1f} %"
             for h in history
         )
     )

@@ -83,9 +83,9 @@ def evaluate_model(model, data_dir, split: str = "test", device: str = "cpu") ->
     a split of a prepared folder; the last row, ``case_id == "mean"``, holds the NaN-aware
     means."""
     from data_prep.reader import load_case, read_manifest, read_splits
+    from mixcl_ray.config import FinetuneConfig, from_dict
     from mixcl_ray.feed import class_lookup, target_source
     from mixcl_ray.predict import load_model
-    from mixcl_ray.train_config import FinetuneConfig, from_dict
 
     loaded = load_model(model, device)
     cfg = from_dict(FinetuneConfig, loaded.card["finetune_config"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import zlib
 from contextlib import contextmanager
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from data_prep.reader import UNLABELLED, read_cases, read_manifest, read_splits
 from data_prep.splits import fraction_key
 from mixcl_ray.data.pairs import loss_example
 from mixcl_ray.data.patches import crop_patches, offset_centres, sample_centres
+
+if TYPE_CHECKING:
+    from mixcl_ray.config import FinetuneConfig, PatchConfig, PretrainConfig
 
 LIMITS_REFRESH_S = 0.05
 
@@ -127,12 +131,9 @@ def _pretrain_case(row: dict, labelled: frozenset, num_classes: int) -> dict:
     }
 
 
-def _pretrain_examples(batch: dict, config: dict, epoch_offset: int) -> dict:
+def _pretrain_examples(batch: dict, cfg: PretrainConfig, epoch_offset: int) -> dict:
     """One case -> patches_per_case two-view examples: the arrays of ``example_keys`` for the
     loss's terms (inputs, reconstruction targets, flips1/2, rot1/2, label) and annotated."""
-    from mixcl_ray.train_config import PretrainConfig, from_dict
-
-    cfg = from_dict(PretrainConfig, config)
     case_id = str(_one(batch, "case_id"))
     rng = case_rng(cfg.optim.seed, case_id, epoch_index() + epoch_offset)
     p = cfg.patches
@@ -213,11 +214,8 @@ def block_order(deterministic: bool):
         options.preserve_order = before
 
 
-def build_pretrain_dataset(data_dir, config: dict, epoch_offset: int = 0):
+def build_pretrain_dataset(data_dir, cfg: PretrainConfig, epoch_offset: int = 0):
     """The Ray Dataset of pre-training examples of one epoch (re-executed every epoch)."""
-    from mixcl_ray.train_config import PretrainConfig, from_dict
-
-    cfg = from_dict(PretrainConfig, config)
     ids, labelled = pretraining_cases(data_dir, cfg.pretrain_label_fraction, cfg.target_images)
     num_classes = len(read_manifest(data_dir)["class_map"])
     with block_order(cfg.patches.deterministic):
@@ -228,7 +226,7 @@ def build_pretrain_dataset(data_dir, config: dict, epoch_offset: int = 0):
         if should_cache(data_dir, ids, cfg.patches.cache_cases):
             ds = ds.materialize()
         return ds.map_batches(
-            partial(_pretrain_examples, config=config, epoch_offset=epoch_offset),
+            partial(_pretrain_examples, cfg=cfg, epoch_offset=epoch_offset),
             batch_size=1,
             num_cpus=cfg.patches.cpus_per_data_task,
         )
@@ -252,13 +250,12 @@ def _finetune_case(row: dict, lut: np.ndarray) -> dict:
 CHUNK = 8  # patches per output block: the consumer starts on a case's first patches early
 
 
-def _segmentation_examples(batch: dict, patch: dict, seed: int, repeats: int, epoch_offset: int):
+def _segmentation_examples(
+    batch: dict, p: PatchConfig, seed: int, repeats: int, epoch_offset: int
+):
     """One case -> patches_per_case x repeats (image, label) patches, yielded in blocks of at
     most CHUNK so that Ray Data streams them: with a small label fraction there are only a
     few cases, and one large block per case kept the workers waiting for whole cases."""
-    from mixcl_ray.train_config import PatchConfig, from_dict
-
-    p = from_dict(PatchConfig, patch)
     case_id = str(_one(batch, "case_id"))
     rng = case_rng(seed, case_id, epoch_index() + epoch_offset)
     image, label = _one(batch, "image"), _one(batch, "label")
@@ -299,11 +296,8 @@ def finetune_epoch_size(data_dir, cfg) -> tuple[int, int]:
     return per_epoch * repeats, repeats
 
 
-def finetune_cases(data_dir, config: dict):
+def finetune_cases(data_dir, cfg: FinetuneConfig):
     """Ray Dataset of the label-fraction cases, labels in the target's class indices."""
-    from mixcl_ray.train_config import FinetuneConfig, from_dict
-
-    cfg = from_dict(FinetuneConfig, config)
     source = target_source(data_dir, cfg.source)
     lut, _ = class_lookup(data_dir, source)
     ids = finetune_case_ids(data_dir, cfg.label_fraction, source)
@@ -312,21 +306,18 @@ def finetune_cases(data_dir, config: dict):
     )
 
 
-def build_finetune_dataset(data_dir, config: dict, epoch_offset: int = 0):
+def build_finetune_dataset(data_dir, cfg: FinetuneConfig, epoch_offset: int = 0):
     """The Ray Dataset of (image, label) patches of the label-fraction subset, one epoch."""
-    from mixcl_ray.train_config import FinetuneConfig, from_dict, to_dict
-
-    cfg = from_dict(FinetuneConfig, config)
     ids = finetune_case_ids(data_dir, cfg.label_fraction, cfg.source)
     _, repeats = finetune_epoch_size(data_dir, cfg)
     with block_order(cfg.patches.deterministic):
-        ds = finetune_cases(data_dir, config)
+        ds = finetune_cases(data_dir, cfg)
         if should_cache(data_dir, ids, cfg.patches.cache_cases):
             ds = ds.materialize()
         return ds.map_batches(
             partial(
                 _segmentation_examples,
-                patch=to_dict(cfg.patches),
+                p=cfg.patches,
                 seed=cfg.optim.seed,
                 repeats=repeats,
                 epoch_offset=epoch_offset,

@@ -9,9 +9,9 @@ Scratch is the same run without ``--pretrained``: every method gets the same bud
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,186 +20,119 @@ import torch
 
 from data_prep import locations
 from data_prep.locations import Location, describe
+from mixcl_ray.config import FinetuneConfig, load_config, merge, to_dict
+from mixcl_ray.engine import Stage, StageJob
 from mixcl_ray.storage import ensure_writable
-from mixcl_ray.train_config import FinetuneConfig, from_dict, load_config, merge, to_dict
+from mixcl_ray.train_utils import autocast, gather
 
 BEST_FILE = "best_model.pt"
 
 
-def finetune_loop(loop_config: dict) -> None:
-    """The per-worker training function (Ray Train)."""
-    import ray.train
-    import ray.train.torch
-    from monai.losses import DiceCELoss
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneJob(StageJob):
+    """What every fine-tuning worker gets besides the config."""
 
-    from data_prep.reader import load_case
-    from mixcl_ray.evaluate import nan_mean, validate_cases
-    from mixcl_ray.models import SegmentationNet, load_pretrained, unwrap
-    from mixcl_ray.train_utils import (
-        autocast,
-        build_optimizer,
-        build_scheduler,
-        epoch_batches,
-        gather,
-        grad_scaler,
-        hardware,
-        load_checkpoint_state,
-        maybe_inject_failure,
-        optimizer_step,
-        restore_state,
-        save_checkpoint_dir,
-        training_state,
-    )
+    class_names: tuple[str, ...]
+    lut: tuple[int, ...]  # the source's label values -> the network's class indices
+    data_dir: str
+    val_ids: tuple[str, ...]
+    pretrained: str | None  # the pre-trained weights' file
+    model_card: dict  # what a prediction on a raw scan needs (mixcl_ray.predict)
 
-    loop_start = time.time()  # wall clock: the driver compares it with its own (fit_cost)
-    cfg = from_dict(FinetuneConfig, loop_config["config"])
-    torch.set_num_threads(max(1, int(loop_config["torch_threads"])))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    computed_on = hardware(device)  # recorded in every checkpoint
-    torch.manual_seed(cfg.optim.seed + rank)
-    names = loop_config["class_names"]
-    model = SegmentationNet(cfg.model, num_classes=len(names))
-    load_report = None
-    if loop_config.get("pretrained"):
-        load_report = load_pretrained(model, loop_config["pretrained"], parts=cfg.pretrained_parts)
-    scaled = [
-        p
-        for part in cfg.scaled_parts(bool(loop_config.get("pretrained")))
-        for p in getattr(model.backbone, part).parameters()
-    ]
-    model = ray.train.torch.prepare_model(model)
-    optimizer = build_optimizer(model, cfg.optim, scaled, cfg.pretrained_lr_scale)
-    scheduler = build_scheduler(optimizer, cfg.optim, loop_config["steps_per_epoch"])
-    scaler = grad_scaler(device, cfg.scaling.amp)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    start_epoch, step, best, history = 0, 0, {"dice": -1.0, "epoch": -1}, []
-    # rank 0 holds the best weights so far (on CPU) and writes them into every checkpoint, so
-    # the last checkpoint always has them and no local checkpoint folder has to outlive its upload
-    best_weights = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint_state(folder)
-            start_epoch, step = restore_state(state, model, optimizer, scheduler, scaler)
-            best = state["extra"]["best"]
-            history = state["extra"].get("history", [])
-            if rank == 0 and (Path(folder) / BEST_FILE).exists():
-                best_weights = torch.load(
-                    Path(folder) / BEST_FILE, map_location="cpu", weights_only=True
-                )
-    lut = np.asarray(loop_config["lut"], dtype=np.uint8)
-    my_val = [
-        dict(c, label=lut[c["label"]])
-        for c in (
-            load_case(loop_config["data_dir"], i) for i in loop_config["val_ids"][rank::world]
+
+class FinetuneStage(Stage):
+    """DiceCE on the label fraction's patches; sliding-window validation Dice on this rank's
+    share of the validation cases, gathered on every rank; rank 0 keeps the best weights (on
+    CPU) and writes them into every checkpoint, so the last checkpoint always has them and no
+    local checkpoint folder has to outlive its upload."""
+
+    loss_name = "DiceCE"
+
+    def build(self):
+        from monai.losses import DiceCELoss
+
+        from data_prep.reader import load_case
+        from mixcl_ray.models import SegmentationNet, load_pretrained
+
+        job, cfg = self.job, self.cfg
+        model = SegmentationNet(cfg.model, num_classes=len(job.class_names))
+        self.load_report = None
+        if job.pretrained:
+            self.load_report = load_pretrained(model, job.pretrained, parts=cfg.pretrained_parts)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.best, self.best_weights, self.improved = {"dice": -1.0, "epoch": -1}, None, False
+        lut = np.asarray(job.lut, dtype=np.uint8)
+        self.val_cases = [
+            dict(c, label=lut[c["label"]])
+            for c in (load_case(job.data_dir, i) for i in job.val_ids[self.rank :: self.world])
+        ]
+        return model
+
+    def scaled_parameters(self, model):
+        parts = self.cfg.scaled_parts(bool(self.job.pretrained))
+        return [p for part in parts for p in getattr(model.backbone, part).parameters()], (
+            self.cfg.pretrained_lr_scale
         )
-    ]
-    shard = ray.train.get_dataset_shard("train")
-    report_s = 0.0  # the previous epoch's report (checkpoint upload included)
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        epoch_start = time.time()
-        model.train()
-        total, batches, patches, wait = 0.0, 0, 0, 0.0
-        start = tick = time.perf_counter()
-        for batch in epoch_batches(shard, cfg.patches, cfg.optim.seed, epoch, rank, device):
-            wait += time.perf_counter() - tick
-            with autocast(device, cfg.scaling.amp):
-                loss = loss_fn(model(batch["image"]), batch["label"].long())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite DiceCE loss ({loss.item()}) at step {step}: lower the learning rate"
-                )
-            optimizer_step(loss, model, optimizer, scaler, scheduler, cfg.optim.grad_clip)
-            total += float(loss.detach())
-            batches += 1
-            patches += batch["image"].shape[0]
-            step += 1
-            tick = time.perf_counter()
-        seconds = time.perf_counter() - start
-        metrics = {
-            "epoch": epoch,
-            "step": step,
-            "train/loss": total / max(1, batches),
-            "train/patches_per_s": patches * world / seconds,
-            "train/data_wait_share": wait / seconds,
-            "train/lr": scheduler.get_last_lr()[0],
-            "resumed_from_epoch": start_epoch,  # > 0: this worker group restarted there
-            # where the time goes (seconds; benchmarks/fit_cost.py adds them up)
-            "time/train_s": seconds,
-            "time/data_wait_s": wait,
-            "time/prev_report_s": report_s,
-        }
-        if epoch == start_epoch:  # model, optimiser, resume and validation cases
-            metrics["time/loop_start"] = loop_start
-            metrics["time/setup_s"] = epoch_start - loop_start
-        if load_report is not None:
-            metrics["pretrained/loaded_tensors"] = len(load_report.loaded)
-        if len(optimizer.param_groups) > 1:  # the loaded (or scale_scratch) parameters' rate
-            metrics["train/lr_pretrained"] = scheduler.get_last_lr()[1]
-        validate = (epoch + 1) % cfg.val_every == 0 or epoch == cfg.optim.epochs - 1
-        tick = time.perf_counter()
-        if validate:
-            results = {}
-            for part in gather(
-                validate_cases(
-                    unwrap(model),
-                    my_val,
-                    len(names),
-                    cfg.patches.patch_size,
-                    device,
-                    cfg.sw_batch_size,
-                    cfg.sw_overlap,
-                    autocast(device, cfg.scaling.amp),
-                )
-            ):
-                results.update(part)
-            per_case = np.stack([results[k] for k in sorted(results)])  # (cases, classes - 1)
-            per_class = [nan_mean(per_case[:, c]) for c in range(per_case.shape[1])]
-            metrics["val/dice_mean"] = nan_mean(per_class)
-            metrics.update({f"val/dice/{n}": d for n, d in zip(names[1:], per_class, strict=True)})
-            improved = metrics["val/dice_mean"] > best["dice"]
-            if improved:
-                best = {"dice": metrics["val/dice_mean"], "epoch": epoch}
-            metrics["val/best_dice_mean"] = best["dice"]
-        else:
-            improved = False
-        metrics["time/val_s"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        if rank == 0:
-            history.append(metrics)
-            state = training_state(
+
+    def loss(self, model, batch, step):
+        loss = self.loss_fn(model(batch["image"]), batch["label"].long())
+        return loss, {"loss": loss}
+
+    def epoch_metrics(self):
+        if self.load_report is None:
+            return {}
+        return {"pretrained/loaded_tensors": len(self.load_report.loaded)}
+
+    def validate(self, model, epoch):
+        from mixcl_ray.evaluate import nan_mean, validate_cases
+
+        cfg, names = self.cfg, self.job.class_names
+        self.improved = False
+        if (epoch + 1) % cfg.val_every and epoch != cfg.optim.epochs - 1:
+            return {}
+        results = {}
+        for part in gather(
+            validate_cases(
                 model,
-                optimizer,
-                scheduler,
-                scaler,
-                epoch,
-                step,
-                extra={"best": best, "history": history, "hardware": computed_on},
+                self.val_cases,
+                len(names),
+                cfg.patches.patch_size,
+                self.device,
+                cfg.sw_batch_size,
+                cfg.sw_overlap,
+                autocast(self.device, cfg.scaling.amp),
             )
-            if improved:
-                weights = unwrap(model).state_dict()
-                best_weights = {"model": {k: v.detach().cpu().clone() for k, v in weights.items()}}
-                best_weights.update(best)
-            extra = {}
-            if best_weights is not None:  # the weights with what predict needs to use them
-                with_card = {**best_weights, "card": loop_config["model_card"]}
-                extra[BEST_FILE] = lambda p, w=with_card: torch.save(w, p)
-            folder = save_checkpoint_dir(state, extra)
-            metrics["time/save_s"] = time.perf_counter() - tick
-            metrics["time/epoch_end"] = time.time()
-            tick = time.perf_counter()
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_dir_name=f"epoch_{epoch:04d}",
-                delete_local_checkpoint_after_upload=True,  # persisted: the temporary copy goes
-            )
-        else:
-            ray.train.report(metrics)
-        report_s = time.perf_counter() - tick
-        maybe_inject_failure(loop_config, epoch)
+        ):
+            results.update(part)
+        per_case = np.stack([results[k] for k in sorted(results)])  # (cases, classes - 1)
+        per_class = [nan_mean(per_case[:, c]) for c in range(per_case.shape[1])]
+        metrics = {"val/dice_mean": nan_mean(per_class)}
+        metrics.update({f"val/dice/{n}": d for n, d in zip(names[1:], per_class, strict=True)})
+        self.improved = metrics["val/dice_mean"] > self.best["dice"]
+        if self.improved:
+            self.best = {"dice": metrics["val/dice_mean"], "epoch": epoch}
+            if self.rank == 0:
+                weights = model.state_dict()
+                self.best_weights = {
+                    "model": {k: v.detach().cpu().clone() for k, v in weights.items()},
+                    **self.best,
+                }
+        metrics["val/best_dice_mean"] = self.best["dice"]
+        return metrics
+
+    def restore(self, extra, folder):
+        self.best = extra["best"]
+        if self.rank == 0 and (folder / BEST_FILE).exists():
+            self.best_weights = torch.load(folder / BEST_FILE, map_location="cpu", weights_only=True)
+
+    def checkpoint_extra(self):
+        return {"best": self.best}
+
+    def checkpoint_files(self, model):
+        if self.best_weights is None:
+            return {}
+        with_card = {**self.best_weights, "card": self.job.model_card}
+        return {BEST_FILE: lambda p: torch.save(with_card, p)}
 
 
 @dataclass
@@ -225,6 +158,8 @@ def run_finetuning(
     import ray
 
     from data_prep.reader import read_manifest, read_splits
+    from mixcl_ray.checkpoints import resume_epoch
+    from mixcl_ray.engine import fit_stage
     from mixcl_ray.feed import (
         build_finetune_dataset,
         class_lookup,
@@ -233,7 +168,7 @@ def run_finetuning(
     )
     from mixcl_ray.models import SegmentationNet, check_patch_size, load_pretrained
     from mixcl_ray.pretrain import PRETRAINED_FILE
-    from mixcl_ray.train_utils import cpus_per_worker, fit_stage, resume_epoch, run_name
+    from mixcl_ray.train_utils import cpus_per_worker, run_name
 
     check_patch_size(SegmentationNet(config.model, 2).backbone, config.patches.patch_size)
     source = target_source(data_dir, config.source)
@@ -272,20 +207,20 @@ def run_finetuning(
     per_epoch, _ = finetune_epoch_size(data_dir, config)
     storage = ensure_writable(storage)
     run_dir = locations.join(storage, name)
-    dataset = build_finetune_dataset(data_dir, config_dict, epoch_offset=resume_epoch(run_dir))
-    loop_config = {
-        "config": config_dict,
-        "class_names": names,
-        "lut": lut.tolist(),
-        "data_dir": str(locations.as_location(data_dir)),
-        "val_ids": splits["val"],
-        "pretrained": str(pretrained) if pretrained else None,
-        "steps_per_epoch": max(1, per_epoch // (config.patches.batch_size * workers)),
-        "torch_threads": max(1, int(per_worker)),
-        "model_card": model_card,
-    }
+    dataset = build_finetune_dataset(data_dir, config, epoch_offset=resume_epoch(run_dir))
+    job = FinetuneJob(
+        config=config,
+        steps_per_epoch=max(1, per_epoch // (config.patches.batch_size * workers)),
+        torch_threads=max(1, int(per_worker)),
+        class_names=tuple(names),
+        lut=tuple(int(v) for v in lut),
+        data_dir=str(locations.as_location(data_dir)),
+        val_ids=tuple(splits["val"]),
+        pretrained=str(pretrained) if pretrained else None,
+        model_card=model_card,
+    )
     folder, metrics, extra = fit_stage(
-        finetune_loop, loop_config, config, per_worker, storage, name, callbacks, dataset
+        FinetuneStage, job, per_worker, storage, name, callbacks, dataset
     )
     return FinetuneResult(
         folder,

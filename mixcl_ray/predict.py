@@ -52,8 +52,8 @@ def load_model(model: str | Path, device: str = "cpu") -> LoadedModel:
     import torch
 
     from data_prep.preprocess import Preset
+    from mixcl_ray.config import FinetuneConfig, from_dict
     from mixcl_ray.models import SegmentationNet
-    from mixcl_ray.train_config import FinetuneConfig, from_dict
 
     path = find_weights(model)
     state = torch.load(locations.open_for_torch(path), map_location="cpu", weights_only=True)

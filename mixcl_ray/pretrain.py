@@ -1,10 +1,9 @@
 """MixCL pre-training on Ray Train: ``python -m mixcl_ray.pretrain --data OUT --storage DIR``.
 
-Each worker runs ``pretrain_loop``: it rebuilds the typed config, builds model, loss and
-optimiser, resumes from ``ray.train.get_checkpoint()`` if there is one, and per epoch streams
-its shard of two-view examples, reports every loss term, patches/s and the share of step time
-spent waiting for data, and (rank 0) attaches a checkpoint. Re-running the same command with the
-same storage resumes an interrupted run.
+Each worker runs ``PretrainStage`` on the training engine (``mixcl_ray.engine``): per epoch it
+streams its shard of two-view examples, reports every loss term, patches/s and the share of step
+time spent waiting for data, and (rank 0) attaches a checkpoint that holds the pre-trained
+weights. Re-running the same command with the same storage resumes an interrupted run.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,127 +18,59 @@ import torch
 
 from data_prep import locations
 from data_prep.locations import Location, describe
+from mixcl_ray.config import PretrainConfig, load_config, to_dict
+from mixcl_ray.engine import Stage, StageJob
 from mixcl_ray.storage import ensure_writable
-from mixcl_ray.train_config import PretrainConfig, from_dict, load_config, to_dict
 
 PRETRAINED_FILE = "pretrained.pt"
 
 
-def pretrain_loop(loop_config: dict) -> None:
-    """The per-worker training function (Ray Train)."""
-    import ray.train
-    import ray.train.torch
+class PretrainStage(Stage):
+    """The MixCL loss on two views of each patch; rank 0's checkpoints carry the encoder and
+    decoder weights that fine-tuning loads."""
 
-    from mixcl_ray.losses import MixCLLoss, view_outputs
-    from mixcl_ray.models import MixCLModel, save_pretrained
-    from mixcl_ray.train_utils import (
-        autocast,
-        build_optimizer,
-        build_scheduler,
-        epoch_batches,
-        grad_scaler,
-        hardware,
-        load_checkpoint_state,
-        maybe_inject_failure,
-        optimizer_step,
-        restore_state,
-        save_checkpoint_dir,
-        training_state,
-    )
+    loss_name = "MixCL"
+    ddp_kwargs = {"find_unused_parameters": True}
 
-    cfg = from_dict(PretrainConfig, loop_config["config"])
-    torch.set_num_threads(max(1, int(loop_config["torch_threads"])))
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device()
-    computed_on = hardware(device)  # recorded in every checkpoint
-    torch.manual_seed(cfg.optim.seed + rank)
-    generator = torch.Generator().manual_seed(cfg.optim.seed * 1000 + rank)
-    model = MixCLModel(cfg.model)
-    loss_fn = MixCLLoss(cfg.loss)
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": True}
-    )
-    optimizer = build_optimizer(model, cfg.optim)
-    steps_per_epoch = loop_config["steps_per_epoch"]
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
-    scaler = grad_scaler(device, cfg.scaling.amp)
-    start_epoch, step, history = 0, 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint_state(folder)
-            start_epoch, step = restore_state(state, model, optimizer, scheduler, scaler, generator)
-            history = state["extra"].get("history", [])
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        model.train()
-        sums: dict[str, float] = {}
-        excess, labelled_batches = 0.0, 0
-        batches = patches = 0
-        wait = 0.0
-        start = time.perf_counter()
-        tick = start
-        for batch in epoch_batches(shard, cfg.patches, cfg.optim.seed, epoch, rank, device):
-            wait += time.perf_counter() - tick
-            with autocast(device, cfg.scaling.amp):
-                out1, out2 = view_outputs(model, loss_fn.heads, batch)
-                diagnostics = {}
-                terms = loss_fn(
-                    out1, out2, batch, step=step, generator=generator, diagnostics=diagnostics
-                )
-            optimizer_step(terms["loss"], model, optimizer, scaler, scheduler, cfg.optim.grad_clip)
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-            if "label_excess" in diagnostics:
-                excess += float(diagnostics["label_excess"])
-                labelled_batches += 1
-            batches += 1
-            patches += batch["input1"].shape[0]
-            step += 1
-            tick = time.perf_counter()
-        seconds = time.perf_counter() - start
-        metrics = {
-            f"train/{'loss' if k == 'loss' else 'loss_' + k}": v / max(1, batches)
-            for k, v in sums.items()
-        }
-        metrics.update(
-            {
-                "epoch": epoch,
-                "step": step,
-                "train/patches_per_s": patches * ctx.get_world_size() / seconds,
-                "train/data_wait_share": wait / seconds,
-                "train/epoch_seconds": seconds,
-                "train/lr": scheduler.get_last_lr()[0],
-                "resumed_from_epoch": start_epoch,  # > 0: this worker group restarted there
-            }
+    def build(self):
+        from mixcl_ray.losses import MixCLLoss
+        from mixcl_ray.models import MixCLModel
+
+        cfg = self.cfg
+        self.generator = torch.Generator().manual_seed(cfg.optim.seed * 1000 + self.rank)
+        self.loss_fn = MixCLLoss(cfg.loss)
+        self.excess, self.labelled, self.batches = 0.0, 0, 0
+        return MixCLModel(cfg.model)
+
+    def loss(self, model, batch, step):
+        from mixcl_ray.losses import view_outputs
+
+        out1, out2 = view_outputs(model, self.loss_fn.heads, batch)
+        diagnostics = {}
+        terms = self.loss_fn(
+            out1, out2, batch, step=step, generator=self.generator, diagnostics=diagnostics
         )
-        if cfg.loss.l_label > 0:
+        if "label_excess" in diagnostics:
+            self.excess += float(diagnostics["label_excess"])
+            self.labelled += 1
+        self.batches += 1
+        return terms["loss"], terms
+
+    def epoch_metrics(self):
+        metrics = {}
+        if self.cfg.loss.l_label > 0:
             # the label term is 0 on batches without labelled voxels, so its mean alone mixes
             # how often a batch holds labels with how well they are separated
-            metrics["train/label_batch_share"] = labelled_batches / max(1, batches)
-            if labelled_batches:
-                metrics["train/label_excess"] = excess / labelled_batches
-        if device.type == "cuda":
-            metrics["train/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if rank == 0:
-            history.append(metrics)
-            extra = {"history": history, "hardware": computed_on}
-            state = training_state(
-                model, optimizer, scheduler, scaler, epoch, step, generator, extra
-            )
-            folder = save_checkpoint_dir(
-                state, {PRETRAINED_FILE: lambda p: save_pretrained(model, p, to_dict(cfg.model))}
-            )
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_dir_name=f"epoch_{epoch:04d}",
-                delete_local_checkpoint_after_upload=True,
-            )
-        else:
-            ray.train.report(metrics)
-        maybe_inject_failure(loop_config, epoch)
+            metrics["train/label_batch_share"] = self.labelled / max(1, self.batches)
+            if self.labelled:
+                metrics["train/label_excess"] = self.excess / self.labelled
+        self.excess, self.labelled, self.batches = 0.0, 0, 0
+        return metrics
+
+    def checkpoint_files(self, model):
+        from mixcl_ray.models import save_pretrained
+
+        return {PRETRAINED_FILE: lambda p: save_pretrained(model, p, to_dict(self.cfg.model))}
 
 
 @dataclass
@@ -166,10 +96,12 @@ def run_pretraining(
     import ray
 
     from data_prep.reader import read_manifest
+    from mixcl_ray.checkpoints import resume_epoch
+    from mixcl_ray.engine import fit_stage
     from mixcl_ray.feed import build_pretrain_dataset, pretraining_cases
     from mixcl_ray.models import check_patch_size
     from mixcl_ray.models.backbones import build_backbone
-    from mixcl_ray.train_utils import cpus_per_worker, fit_stage, resume_epoch, run_name
+    from mixcl_ray.train_utils import cpus_per_worker, run_name
 
     check_patch_size(build_backbone(config.model), config.patches.patch_size)
     manifest = read_manifest(data_dir)
@@ -183,14 +115,12 @@ def run_pretraining(
     steps_per_epoch = max(
         1, len(ids) * config.patches.patches_per_case // (config.patches.batch_size * workers)
     )
-    dataset = build_pretrain_dataset(data_dir, config_dict, epoch_offset=resume_epoch(run_dir))
-    loop_config = {
-        "config": config_dict,
-        "steps_per_epoch": steps_per_epoch,
-        "torch_threads": max(1, int(per_worker)),
-    }
+    dataset = build_pretrain_dataset(data_dir, config, epoch_offset=resume_epoch(run_dir))
+    job = StageJob(
+        config=config, steps_per_epoch=steps_per_epoch, torch_threads=max(1, int(per_worker))
+    )
     folder, metrics, extra = fit_stage(
-        pretrain_loop, loop_config, config, per_worker, storage, name, callbacks, dataset
+        PretrainStage, job, per_worker, storage, name, callbacks, dataset
     )
     return PretrainResult(
         folder,
@@ -268,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config("pretrain", args.preset, args.config)
         if overrides_from_args(args):
-            from mixcl_ray.train_config import merge
+            from mixcl_ray.config import merge
 
             config = merge(config, overrides_from_args(args))
         storage = ensure_writable(args.storage)

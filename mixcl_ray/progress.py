@@ -92,8 +92,6 @@ class EpochLines:
                 per_epoch = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
             elif "time/train_s" in metrics:  # the first epoch: its own timings
                 per_epoch = sum(metrics.get(f"time/{k}_s", 0.0) for k in ("train", "val", "save"))
-            elif "train/epoch_seconds" in metrics:
-                per_epoch = metrics["train/epoch_seconds"]
             print(
                 epoch_line(self.stage, metrics, self.epochs, per_epoch), file=self.out, flush=True
             )

@@ -195,7 +195,7 @@ def load_space(path: str | os.PathLike) -> SweepSpec:
 
 
 def _check_stage_overrides(spec: SweepSpec, path: Path) -> None:
-    from mixcl_ray.train_config import load_config
+    from mixcl_ray.config import load_config
 
     for stage in ("pretrain", "finetune"):
         try:

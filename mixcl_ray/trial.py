@@ -66,7 +66,7 @@ def trial_scaling(ctx: dict, stage: dict | None, cluster_cpus: float) -> dict:
     once (``max_concurrent_trials``), each trial's workers reserve their share of that trial's
     part of the CPUs unless the stage sets ``scaling.cpus_per_worker``. (Sized on the whole
     cluster, two trials' workers would reserve every CPU and leave Ray Data none: a hang.)"""
-    from mixcl_ray.train_config import ScalingSettings
+    from mixcl_ray.config import ScalingSettings
     from mixcl_ray.train_utils import cpus_per_worker
 
     scaling = {"workers": ctx["workers"], "use_gpu": ctx["gpus_per_worker"] > 0}
@@ -118,7 +118,7 @@ def trial_key(params: dict, pre_cfg, ft_cfg) -> str:
     every resolved setting of both stages, so that a sweep whose fixed ``pretrain:`` or
     ``finetune:`` overrides differ (e.g. ``min_patches_per_epoch``) trains again instead of
     taking another sweep's result for its own."""
-    from mixcl_ray.train_config import to_dict
+    from mixcl_ray.config import to_dict
 
     identity = {
         "params": params,
@@ -133,7 +133,7 @@ def pretrain_params(pre_cfg, ctx: dict, key: str) -> dict:
     """The params of a pre-training run: its loss settings and what else tells two cached
     pre-trainings apart (seed, views, corpus, schedule), so that the runs of a multi-seed
     study can be told apart in MLflow."""
-    from mixcl_ray.train_config import to_dict
+    from mixcl_ray.config import to_dict
 
     return {
         "cache_key": key,
@@ -157,8 +157,8 @@ def cached_pretraining(pre_cfg, ctx: dict, owner: str = "") -> tuple[Path, str, 
     """(pretrained.pt, cache key, reused?) for a pre-training config; trains it once. With
     the sweep's ``pretrain_cache`` off, the key includes ``owner`` (the trial's key): every
     trial trains its own."""
+    from mixcl_ray.config import to_dict
     from mixcl_ray.pretrain import run_pretraining
-    from mixcl_ray.train_config import to_dict
     from mixcl_ray.train_utils import run_name
 
     key = run_name("pretrain", to_dict(pre_cfg), ctx["fingerprint"])
@@ -282,10 +282,10 @@ def run_trial(config: dict, sweep: dict) -> None:
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from mixcl_ray.checkpoints import resume_epoch
+    from mixcl_ray.config import load_config, to_dict
     from mixcl_ray.finetune import run_finetuning
     from mixcl_ray.ray_start import init_ray
-    from mixcl_ray.train_config import load_config, to_dict
-    from mixcl_ray.train_utils import resume_epoch
 
     init_ray()
     ctx = sweep

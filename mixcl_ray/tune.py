@@ -64,7 +64,7 @@ def make_scheduler(spec):
     """
     from ray import tune
 
-    from mixcl_ray.train_config import load_config
+    from mixcl_ray.config import load_config
 
     if spec.scheduler.get("type") != "asha":
         return None

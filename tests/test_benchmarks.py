@@ -101,9 +101,9 @@ def test_linear_probe_benchmark_smoke(prepared_benchmark, tmp_path):
     import torch
 
     from data_prep.reader import read_splits
+    from mixcl_ray.config import load_config, to_dict
     from mixcl_ray.feed import target_source
     from mixcl_ray.models import MixCLModel, save_pretrained
-    from mixcl_ray.train_config import load_config, to_dict
 
     model = load_config("pretrain").model
     torch.manual_seed(5)

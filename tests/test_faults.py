@@ -7,9 +7,9 @@ import time
 import psutil
 import pytest
 
+from mixcl_ray.checkpoints import load_checkpoint_state
+from mixcl_ray.config import load_config
 from mixcl_ray.pretrain import run_pretraining
-from mixcl_ray.train_config import load_config
-from mixcl_ray.train_utils import load_checkpoint_state
 
 pytestmark = pytest.mark.slow
 

@@ -157,7 +157,7 @@ def test_loss_config_validation(kwargs, message):
 
 def test_config_round_trip_and_methods():
     assert from_dict(ModelConfig, to_dict(TINY)) == TINY
-    with pytest.raises(ValueError, match="unknown ModelConfig keys \\['widht'\\]"):
+    with pytest.raises(ValueError, match="ModelConfig: unknown keys \\['widht'\\]"):
         from_dict(ModelConfig, {"widht": 3})
     assert loss_config_for("scratch") is None
     assert (loss_config_for("identity").l_id, loss_config_for("identity").l_rec) == (1.0, 0.0)

@@ -9,10 +9,10 @@ import psutil
 import pytest
 import ray
 
+from mixcl_ray.checkpoints import load_checkpoint_state
+from mixcl_ray.config import load_config
 from mixcl_ray.pretrain import run_pretraining
 from mixcl_ray.ray_start import init_ray
-from mixcl_ray.train_config import load_config
-from mixcl_ray.train_utils import load_checkpoint_state
 from tests.test_faults import run_in_thread, train_worker_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200), pytest.mark.usefixtures("ray_paused")]

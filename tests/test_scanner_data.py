@@ -207,8 +207,8 @@ def test_mr_is_clipped_and_z_scored_inside_the_body_whatever_the_scanner_gain(sc
 @pytest.fixture(scope="module")
 def mr_model(scanner_corpus, ray_session, tmp_path_factory):
     """One epoch of fine-tuning on the MR source."""
+    from mixcl_ray.config import load_config
     from mixcl_ray.finetune import run_finetuning
-    from mixcl_ray.train_config import load_config
 
     _, _, out = scanner_corpus
     assert read_splits(out)["sources"][MR_NAME]["val"]

@@ -89,7 +89,7 @@ def test_asha_lets_a_surviving_trial_finish_its_fit(tmp_path):
 
 
 def test_numbers_written_like_1e_3_are_numbers_in_space_and_config_files(tmp_path):
-    from mixcl_ray.train_config import load_config
+    from mixcl_ray.config import load_config
 
     config = tmp_path / "finetune.yaml"
     config.write_text("optim: {lr: 1e-3, weight_decay: 2E-5}\n")
@@ -323,7 +323,7 @@ def test_trial_key_changes_with_any_fixed_stage_setting():
     """Two sweeps whose spaces differ only in a fixed ``finetune:`` (or ``pretrain:``) override
     must not share a trial key: the key names the MLflow run and the fine-tuning folder a trial
     resumes or reuses."""
-    from mixcl_ray.train_config import load_config
+    from mixcl_ray.config import load_config
     from mixcl_ray.trial import trial_key, trial_params
 
     ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
@@ -342,7 +342,7 @@ def test_trial_key_changes_with_any_fixed_stage_setting():
 
 
 def test_crop_offset_dimension_sets_the_pretraining_views_and_is_a_param():
-    from mixcl_ray.train_config import load_config
+    from mixcl_ray.config import load_config
     from mixcl_ray.trial import pretrain_overrides, trial_params
 
     fixed = {"views": {"gamma": [0.9, 1.1]}}
@@ -358,7 +358,7 @@ def test_crop_offset_dimension_sets_the_pretraining_views_and_is_a_param():
 
 
 def test_dense_source_dimension_sets_the_pretraining_model_and_is_a_param():
-    from mixcl_ray.train_config import load_config
+    from mixcl_ray.config import load_config
     from mixcl_ray.trial import pretrain_overrides, trial_params
 
     fixed = {"model": {"dense_dim": 16}}
@@ -396,7 +396,7 @@ def test_concurrent_trials_share_the_cpus_between_them():
 def test_pretraining_runs_carry_what_tells_two_pretrainings_apart():
     # two cached pre-trainings of a multi-seed study differ in their seed (and views): their
     # MLflow runs must say so, not only their loss weights
-    from mixcl_ray.train_config import load_config
+    from mixcl_ray.config import load_config
     from mixcl_ray.trial import pretrain_overrides, pretrain_params
 
     ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
@@ -477,8 +477,8 @@ def test_pretrained_lr_scale_slows_the_loaded_parameters_only():
     """``pretrained_lr_scale``: the loaded parameters train at that multiple of the rate, the
     schedule scaling both groups alike; at 1 (the default) there is one group, as before. As a
     space dimension it sets the fine-tuning and is a param ("" for scratch, nothing loaded)."""
+    from mixcl_ray.config import load_config
     from mixcl_ray.models import SegmentationNet
-    from mixcl_ray.train_config import load_config
     from mixcl_ray.train_utils import build_optimizer, build_scheduler
     from mixcl_ray.trial import finetune_overrides, trial_params
 
@@ -509,7 +509,7 @@ def test_scale_scratch_slows_a_fresh_encoder_as_a_control():
     """``scale_scratch``: a run from scratch trains the parts a pre-trained run would load at
     ``pretrained_lr_scale`` (the control for a slower encoder); without it scratch has one rate,
     and a pre-trained run's parts are the loaded ones either way."""
-    from mixcl_ray.train_config import load_config
+    from mixcl_ray.config import load_config
     from mixcl_ray.trial import trial_params
 
     plain = load_config("finetune", overrides={"pretrained_lr_scale": 0.1})

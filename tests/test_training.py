@@ -17,6 +17,9 @@ import torch
 
 from data_prep.reader import load_case, read_splits
 from mixcl_ray import trial
+from mixcl_ray.checkpoints import SNAPSHOT_FILE, load_checkpoint_state, resume_epoch
+from mixcl_ray.config import FinetuneConfig, load_config, merge
+from mixcl_ray.engine import FAIL_AFTER_EPOCH_ENV
 from mixcl_ray.evaluate import dice_per_class, nan_mean, predict_volume, validate_cases
 from mixcl_ray.feed import (
     class_lookup,
@@ -29,14 +32,7 @@ from mixcl_ray.feed import (
 from mixcl_ray.finetune import BEST_FILE, run_finetuning
 from mixcl_ray.models import MixCLModel, SegmentationNet, load_pretrained
 from mixcl_ray.pretrain import run_pretraining
-from mixcl_ray.train_config import FinetuneConfig, load_config, merge, to_dict
-from mixcl_ray.train_utils import (
-    FAIL_AFTER_EPOCH_ENV,
-    SNAPSHOT_FILE,
-    hardware,
-    load_checkpoint_state,
-    resume_epoch,
-)
+from mixcl_ray.train_utils import hardware
 
 pytestmark = pytest.mark.slow
 QUICK = {"optim": {"epochs": 1}, "patches": {"patches_per_case": 1, "batch_size": 2}}
@@ -152,8 +148,7 @@ def test_resume_epoch_follows_ray_trains_snapshot_not_the_newest_folder(tmp_path
 
 def test_label_fraction_subset_equals_splits(ray_session, prepared_benchmark):
     splits = read_splits(prepared_benchmark)["sources"]["Task09_SynthSpleen"]["label_fractions"]
-    config = to_dict(FinetuneConfig(label_fraction=0.5))
-    rows = finetune_cases(prepared_benchmark, config).take_all()
+    rows = finetune_cases(prepared_benchmark, FinetuneConfig(label_fraction=0.5)).take_all()
     assert (
         sorted(r["case_id"] for r in rows)
         == splits["0.5"]
@@ -370,7 +365,7 @@ def test_the_feed_ships_only_what_the_step_reads(
 
     overrides = {**QUICK, "loss": loss, "views": {"crop_offset": offset}}
     config = load_config("pretrain", overrides=overrides)
-    batch = build_pretrain_dataset(prepared_benchmark, to_dict(config)).take_batch(4)
+    batch = build_pretrain_dataset(prepared_benchmark, config).take_batch(4)
     assert set(batch) == {*example_keys(restored, cropped_apart=offset > 0), "annotated"}
     if restored == 1:  # MixCL: the first view corrupted, its clean version kept as the target
         assert not np.array_equal(batch["input1"], batch["clean1"])
@@ -431,8 +426,8 @@ def test_views_cropped_apart_ship_a_label_per_view_and_must_overlap():
         "annotated": [np.array([True, False, True])],
     }
     overrides = {"patches": {"patches_per_case": 6}, "views": {"crop_offset": 6}}
-    apart = to_dict(load_config("pretrain", overrides=overrides))
-    plain = to_dict(load_config("pretrain", overrides={"patches": {"patches_per_case": 6}}))
+    apart = load_config("pretrain", overrides=overrides)
+    plain = load_config("pretrain", overrides={"patches": {"patches_per_case": 6}})
     one = _pretrain_examples(case, apart, 0)
     assert set(one) == {*example_keys(1, cropped_apart=True), "annotated"}
     assert one["label2"].shape == one["label"].shape == (6, 32, 32, 32)
@@ -507,7 +502,7 @@ def test_dice_known_values(pred, true, expected):
 
 
 def test_the_feed_budget_reaches_ray_data_and_is_checked():
-    from mixcl_ray.train_utils import data_config
+    from mixcl_ray.engine import data_config
 
     # what Ray Train 2.60 hands the "train" dataset's execution (DataConfig.configure)
     default = data_config(True)._resolve_execution_options("train")

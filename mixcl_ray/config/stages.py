@@ -1,7 +1,5 @@
-"""Typed configuration of the training stages, presets, and YAML overrides.
-
-A stage config is a frozen dataclass of frozen sections. It crosses into Ray as a plain dict
-(``to_dict``) and is rebuilt inside the worker (``from_dict``), which refuses unknown keys.
+"""The training stages' settings (patches, optimiser, scaling; pre-training and fine-tuning)
+and their presets.
 
 Presets:
 - ``cpu-tiny`` (default): 32^3 patches, UNet 8-64, a few epochs; minutes on two CPU cores.
@@ -10,7 +8,6 @@ Presets:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mixcl_ray.config import LossConfig, ModelConfig, _check, load_yaml
+from mixcl_ray.config.base import _check, load_yaml, merge
+from mixcl_ray.config.core import LossConfig, ModelConfig
 from mixcl_ray.data.corruptions import CorruptionConfig
 from mixcl_ray.data.views import ViewConfig
 
@@ -245,60 +243,6 @@ PRESETS = {
         ),
     },
 }
-
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def from_dict(cls, data: dict, where: str = ""):
-    """Rebuild ``cls`` from a (nested) dict, naming any unknown key with its path."""
-    where = where or cls.__name__
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-    values = {}
-    for name, value in data.items():
-        sub = _dataclass_type(known[name])
-        if sub is not None and isinstance(value, dict):
-            values[name] = from_dict(sub, value, f"{where}.{name}")
-        else:
-            values[name] = tuple(value) if isinstance(value, list) else value
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: {err}") from None
-
-
-_SECTION_TYPES = {
-    "model": ModelConfig,
-    "loss": LossConfig,
-    "views": ViewConfig,
-    "corruptions": CorruptionConfig,
-    "patches": PatchConfig,
-    "optim": OptimConfig,
-    "scaling": ScalingSettings,
-}
-
-
-def _dataclass_type(f: dataclasses.Field):
-    return _SECTION_TYPES.get(f.name)
-
-
-def merge(config, overrides: dict, where: str = ""):
-    """``config`` with a nested dict of overrides applied (unknown keys refused)."""
-    base = to_dict(config)
-
-    def deep(a: dict, b: dict) -> dict:
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = deep(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-        return out
-
-    return from_dict(type(config), deep(base, overrides), where or type(config).__name__)
 
 
 def load_config(

@@ -1,39 +1,14 @@
-"""Typed configuration of the MixCL core, validated at construction.
-
-Frozen dataclasses at the edges; ``to_dict``/``from_dict`` carry them across Ray as plain
-dicts and refuse unknown keys when rebuilding them.
-"""
+"""The MixCL core's settings: the network and the loss, and the named methods (which loss
+terms pre-train)."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
-import yaml
+from mixcl_ray.config.base import _check
 
 BACKBONES = ("unet", "swinunetr")
 DENSE_SOURCES = ("decoder", "encoder")
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-3`` (no dot) as a string; here it is the number people meant."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def load_yaml(text: str):
-    """Parse a config or space file; ``1e-3`` is a number, as in YAML 1.2 and JSON."""
-    return yaml.load(text, Loader=_YamlLoader)
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -126,26 +101,17 @@ METHODS: dict[str, tuple[float, float, float] | None] = {
 }
 
 
-def loss_config_for(method: str, **overrides) -> LossConfig | None:
-    """The loss settings of a named method (None for scratch: no pre-training)."""
+def method_weights(method: str) -> dict | None:
+    """The loss weights {l_id, l_label, l_rec} of a named method (None: scratch)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    weights = METHODS[method]
-    if weights is None:
+    if METHODS[method] is None:
         return None
-    l_id, l_label, l_rec = weights
-    return LossConfig(**{"l_id": l_id, "l_label": l_label, "l_rec": l_rec, **overrides})
+    l_id, l_label, l_rec = METHODS[method]
+    return {"l_id": l_id, "l_label": l_label, "l_rec": l_rec}
 
 
-def to_dict(config) -> dict:
-    return asdict(config)
-
-
-def from_dict(cls, data: dict):
-    """Rebuild a config dataclass from a plain dict, refusing unknown keys."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**values)
+def loss_config_for(method: str, **overrides) -> LossConfig | None:
+    """The loss settings of a named method (None for scratch: no pre-training)."""
+    weights = method_weights(method)
+    return None if weights is None else LossConfig(**{**weights, **overrides})
