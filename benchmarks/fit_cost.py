@@ -57,14 +57,13 @@ def main() -> None:
     print(common.machine(), flush=True)
     data = common.ensure_data(args.data)
 
-    from mixcl_ray.config import load_config
+    from mixcl_ray.config import deep_merge, load_config
     from mixcl_ray.finetune import run_finetuning
     from mixcl_ray.ray_start import init_ray
     from mixcl_ray.spaces import load_space
-    from mixcl_ray.trial import _deep
 
     spec = load_space(args.space)
-    overrides = _deep(
+    overrides = deep_merge(
         spec.finetune,
         {
             "label_fraction": args.label_fraction,

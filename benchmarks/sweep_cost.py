@@ -62,7 +62,7 @@ def trial_costs(uri: str, experiment: str, metric: str, mode: str) -> dict:
     """Worker-seconds per trial and the best finished configuration, from the MLflow store."""
     from mlflow import MlflowClient
 
-    from mixcl_ray.spaces import DIMENSIONS
+    from mixcl_ray.dimensions import DIMENSIONS
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)

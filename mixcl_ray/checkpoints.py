@@ -100,5 +100,3 @@ def resume_epoch(run_dir) -> int:
             f"({type(e).__name__}: {e}); delete {locations.describe(run_dir)} to start this "
             "run over"
         ) from e
-
-

@@ -123,7 +123,9 @@ class FinetuneStage(Stage):
     def restore(self, extra, folder):
         self.best = extra["best"]
         if self.rank == 0 and (folder / BEST_FILE).exists():
-            self.best_weights = torch.load(folder / BEST_FILE, map_location="cpu", weights_only=True)
+            self.best_weights = torch.load(
+                folder / BEST_FILE, map_location="cpu", weights_only=True
+            )
 
     def checkpoint_extra(self):
         return {"best": self.best}
@@ -297,19 +299,20 @@ def main(argv: list[str] | None = None) -> int:
         storage = ensure_writable(args.storage)
         init_ray(args.address)
         from data_prep.reader import read_manifest
+        from mixcl_ray.dimensions import trial_params
         from mixcl_ray.progress import EpochLines
         from mixcl_ray.run_tracking import StandaloneRun
-        from mixcl_ray.trial import trial_params
 
         method = "pretrained" if args.pretrained else "scratch"
-        context = {
-            "preset": config.preset,
-            "fingerprint": read_manifest(args.data)["input_fingerprint"],
-        }
-        params = trial_params({"method": method}, None, config, context)
-        if args.pretrained:  # what trial_params reads from the pre-training's config
-            params["load_decoder"] = config.load_decoder
-            params["pretrained_lr_scale"] = config.pretrained_lr_scale
+        fingerprint = read_manifest(args.data)["input_fingerprint"]
+        params = trial_params(
+            {"method": method},
+            None,
+            config,
+            preset=config.preset,
+            fingerprint=fingerprint,
+            pretrained=bool(args.pretrained),
+        )
         run_name = f"{method} {100 * config.label_fraction:g}% seed {config.optim.seed}"
         with (
             StandaloneRun("finetune", storage, args.experiment, run_name, params) as run,

@@ -178,12 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def overrides_from_args(args) -> dict:
-    from mixcl_ray.config import METHODS
+    from mixcl_ray.config import method_weights
 
     overrides: dict = {}
     if args.method:
-        l_id, l_label, l_rec = METHODS[args.method]
-        overrides["loss"] = {"l_id": l_id, "l_label": l_label, "l_rec": l_rec}
+        overrides["loss"] = method_weights(args.method)
     if args.workers:
         overrides.setdefault("scaling", {})["workers"] = args.workers
     if args.gpu:
@@ -206,15 +205,14 @@ def main(argv: list[str] | None = None) -> int:
 
         init_ray(args.address)
         from data_prep.reader import read_manifest
+        from mixcl_ray.dimensions import pretrain_params
         from mixcl_ray.progress import EpochLines
         from mixcl_ray.run_tracking import StandaloneRun
-        from mixcl_ray.trial import pretrain_params
 
-        context = {
-            "preset": config.preset,
-            "fingerprint": read_manifest(args.data)["input_fingerprint"],
-        }
-        params = pretrain_params(config, context, args.name or "")
+        fingerprint = read_manifest(args.data)["input_fingerprint"]
+        params = pretrain_params(
+            config, args.name or "", preset=config.preset, fingerprint=fingerprint
+        )
         run_name = args.name or f"pretrain seed {config.optim.seed}"
         with (
             StandaloneRun("pretrain", storage, args.experiment, run_name, params) as run,

@@ -2,9 +2,8 @@
 
 A space file names the data, the preset, fixed overrides of each stage, the resources per
 trial, the scheduler and search algorithm, and the searched dimensions. Dimensions use one
-flat vocabulary (the same names are MLflow params): method, l_id, l_label, l_rec,
-temperature_id, temperature_label, pretrain_label_fraction, label_fraction, seed, lr,
-pretrain_lr, crop_offset, dense_source, pretrained_lr_scale. Each is a constant or one of
+flat vocabulary (the same names are MLflow params): the table in ``mixcl_ray.dimensions``.
+Each is a constant or one of
 {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}.
 """
 
@@ -17,24 +16,9 @@ from pathlib import Path
 import yaml
 
 import tune_spaces
-from mixcl_ray.config import DENSE_SOURCES, METHODS, load_yaml
+from mixcl_ray.config import load_yaml
+from mixcl_ray.dimensions import DIMENSIONS
 
-DIMENSIONS = {
-    "method": str,
-    "l_id": float,
-    "l_label": float,
-    "l_rec": float,
-    "temperature_id": float,
-    "temperature_label": float,
-    "pretrain_label_fraction": float,
-    "label_fraction": float,
-    "seed": int,
-    "lr": float,
-    "pretrain_lr": float,
-    "crop_offset": int,  # views.crop_offset of the pre-training
-    "dense_source": str,  # model.dense_source of the pre-training: decoder | encoder
-    "pretrained_lr_scale": float,  # fine-tuning's rate of the loaded parameters, x lr
-}
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = {
     "description",
@@ -93,7 +77,6 @@ class SpaceError(ValueError):
 def _check_dimension(path: str, name: str, value) -> None:
     if name not in DIMENSIONS:
         raise SpaceError(f"{path}: unknown dimension {name!r}; known: {sorted(DIMENSIONS)}")
-    kind = DIMENSIONS[name]
     if isinstance(value, dict):
         if len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
             raise SpaceError(
@@ -121,16 +104,9 @@ def _check_dimension(path: str, name: str, value) -> None:
     else:
         values = [value]
     for v in values:
-        if kind is str and name == "method" and v not in METHODS:
-            raise SpaceError(f"{path}: method {v!r} is not one of {sorted(METHODS)}")
-        if name == "dense_source" and v not in DENSE_SOURCES:
-            raise SpaceError(f"{path}: dense_source {v!r} is not one of {list(DENSE_SOURCES)}")
-        if kind in (float, int) and not isinstance(v, int | float):
-            raise SpaceError(f"{path}: {name}: {v!r} is not a number")
-        if name in ("label_fraction", "pretrain_label_fraction") and not 0 <= v <= 1:
-            raise SpaceError(f"{path}: {name}: {v} is not in [0, 1]")
-        if name == "crop_offset" and (v < 0 or v != int(v)):
-            raise SpaceError(f"{path}: crop_offset: {v!r} is not a whole number of voxels >= 0")
+        problem = DIMENSIONS[name].problem(v)
+        if problem:
+            raise SpaceError(f"{path}: {name}: {problem}")
 
 
 def space_path(path: str | os.PathLike) -> Path:

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
@@ -98,7 +99,7 @@ def run_sweep(
     from data_prep.reader import read_manifest
     from mixcl_ray.ray_start import init_ray
     from mixcl_ray.report import make_report
-    from mixcl_ray.trial import run_trial
+    from mixcl_ray.trial import SweepContext, run_trial
 
     spec = load_space(space_path)
     storage = ensure_writable(storage)
@@ -154,23 +155,21 @@ def run_sweep(
             tracking.log_artifact(uri, parent_id, artifact, "sweep")
 
     init_ray(address)
-    ctx = {
-        "data": str(data_dir),
-        "storage": str(storage),
-        "uri": uri,
-        "experiment_id": experiment_id,
-        "parent_id": parent_id,
-        "sweep": state["name"],
-        "preset": spec.preset,
-        "fingerprint": manifest["input_fingerprint"],
-        "pretrain": spec.pretrain,
-        "finetune": spec.finetune,
-        "pretrain_cache": spec.pretrain_cache,
-        "workers": spec.resources["workers"],
-        "gpus_per_worker": spec.resources["gpus_per_worker"],
-        "max_concurrent_trials": spec.resources["max_concurrent_trials"],
-        "code_tag": code_tag,  # the driver's commit: trials started by a resume carry its own
-    }
+    ctx = SweepContext(
+        data=str(data_dir),
+        storage=str(storage),
+        uri=uri,
+        experiment_id=experiment_id,
+        parent_id=parent_id,
+        sweep=state["name"],
+        preset=spec.preset,
+        fingerprint=manifest["input_fingerprint"],
+        pretrain=spec.pretrain,
+        finetune=spec.finetune,
+        resources=dict(spec.resources),
+        pretrain_cache=spec.pretrain_cache,
+        code_tag=code_tag,
+    )
     param_space = to_tune_space(spec.space, spec.search)
     scheduler = make_scheduler(spec)
     search_alg = make_search(spec)
@@ -226,11 +225,19 @@ def run_sweep(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mixcl_ray.dimensions import markdown
+
     parser = argparse.ArgumentParser(
         prog="python -m mixcl_ray.tune",
-        description="Run a label-efficiency study: Ray Tune over loss weights, temperatures and label "
-        "fractions; each trial pre-trains (cached) and fine-tunes on Ray Train; MLflow records every run. "
-        "With no arguments: the built-in demo on the synthetic benchmark, on CPU (about 17 minutes on 2 cores).",
+        description=textwrap.fill(
+            "Run a label-efficiency study: Ray Tune over loss weights, temperatures and label "
+            "fractions; each trial pre-trains (cached) and fine-tunes on Ray Train; MLflow "
+            "records every run. With no arguments: the built-in demo on the synthetic "
+            "benchmark, on CPU (about 20 minutes on 2 cores)."
+        ),
+        epilog="dimensions of a space file (also the params of every trial in MLflow):\n\n"
+        + markdown(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--space",

@@ -45,7 +45,7 @@ def test_shipped_spaces_are_valid(name):
     [
         ("space: {method: mixcl}\nschedular: {type: asha}\n", "unknown keys ['schedular']"),
         ("space: {methd: mixcl}\n", "unknown dimension 'methd'"),
-        ("space: {method: {grid: [scratch, simclr]}}\n", "method 'simclr' is not one of"),
+        ("space: {method: {grid: [scratch, simclr]}}\n", "method: 'simclr' is not one of"),
         ("space: {lr: {normal: [0, 1]}}\n", "a distribution is one of"),
         ("space: {lr: {loguniform: [0, 0.1]}}\n", "0 < low < high"),
         ("space: {l_id: {uniform: [2, 1]}}\n", "low < high"),
@@ -60,7 +60,7 @@ def test_shipped_spaces_are_valid(name):
         ("space: [1, 2\n", "not valid YAML"),
         ("space: {seed: 0}\nsearch_seed: 1.5\n", "search_seed must be a non-negative integer"),
         ("space: {crop_offset: {grid: [0, 2.5]}}\n", "crop_offset: 2.5 is not a whole number"),
-        ("space: {dense_source: bottleneck}\n", "dense_source 'bottleneck' is not one of"),
+        ("space: {dense_source: bottleneck}\n", "dense_source: 'bottleneck' is not one of"),
     ],
 )
 def test_space_errors_name_the_file_and_the_key(tmp_path, text, message):
@@ -324,7 +324,8 @@ def test_trial_key_changes_with_any_fixed_stage_setting():
     must not share a trial key: the key names the MLflow run and the fine-tuning folder a trial
     resumes or reuses."""
     from mixcl_ray.config import load_config
-    from mixcl_ray.trial import trial_key, trial_params
+    from mixcl_ray.dimensions import trial_params
+    from mixcl_ray.trial import trial_key
 
     ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
     sample = {"method": "mixcl", "label_fraction": 0.05, "seed": 0}
@@ -332,7 +333,7 @@ def test_trial_key_changes_with_any_fixed_stage_setting():
     def key(pre_over=None, ft_over=None):
         pre = load_config("pretrain", overrides=pre_over or {})
         ft = load_config("finetune", overrides={"label_fraction": 0.05, **(ft_over or {})})
-        return trial_key(trial_params(sample, pre, ft, ctx), pre, ft)
+        return trial_key(trial_params(sample, pre, ft, **ctx), pre, ft)
 
     base = key()
     assert key() == base  # stable: a resumed trial finds its run and folder again
@@ -343,33 +344,35 @@ def test_trial_key_changes_with_any_fixed_stage_setting():
 
 def test_crop_offset_dimension_sets_the_pretraining_views_and_is_a_param():
     from mixcl_ray.config import load_config
-    from mixcl_ray.trial import pretrain_overrides, trial_params
+    from mixcl_ray.dimensions import stage_overrides, trial_params
 
     fixed = {"views": {"gamma": [0.9, 1.1]}}
-    over = pretrain_overrides({"method": "mixcl", "crop_offset": 6}, fixed)
+    over = stage_overrides("pretrain", {"method": "mixcl", "crop_offset": 6}, fixed)
     assert over["views"] == {"gamma": [0.9, 1.1], "crop_offset": 6}
     pre = load_config("pretrain", overrides=over)
     assert pre.views.crop_offset == 6 and pre.views.gamma == (0.9, 1.1)
     ft = load_config("finetune")
     ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
-    assert trial_params({"method": "mixcl"}, pre, ft, ctx)["crop_offset"] == 6
-    assert trial_params({"method": "scratch"}, None, ft, ctx)["crop_offset"] == ""
-    assert pretrain_overrides({"method": "scratch", "crop_offset": 6}, {}) is None
+    assert trial_params({"method": "mixcl"}, pre, ft, **ctx)["crop_offset"] == 6
+    assert trial_params({"method": "scratch"}, None, ft, **ctx)["crop_offset"] == ""
+    assert stage_overrides("pretrain", {"method": "scratch", "crop_offset": 6}, {}) is None
 
 
 def test_dense_source_dimension_sets_the_pretraining_model_and_is_a_param():
     from mixcl_ray.config import load_config
-    from mixcl_ray.trial import pretrain_overrides, trial_params
+    from mixcl_ray.dimensions import stage_overrides, trial_params
 
     fixed = {"model": {"dense_dim": 16}}
-    over = pretrain_overrides({"method": "label", "dense_source": "encoder"}, fixed)
+    over = stage_overrides("pretrain", {"method": "label", "dense_source": "encoder"}, fixed)
     pre = load_config("pretrain", overrides=over)
     assert (pre.model.dense_source, pre.model.dense_dim) == ("encoder", 16)
     ft = load_config("finetune")
     ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
-    assert trial_params({"method": "label"}, pre, ft, ctx)["dense_source"] == "encoder"
-    assert trial_params({"method": "scratch"}, None, ft, ctx)["dense_source"] == ""
-    default = load_config("pretrain", overrides=pretrain_overrides({"method": "mixcl"}, {}))
+    assert trial_params({"method": "label"}, pre, ft, **ctx)["dense_source"] == "encoder"
+    assert trial_params({"method": "scratch"}, None, ft, **ctx)["dense_source"] == ""
+    default = load_config(
+        "pretrain", overrides=stage_overrides("pretrain", {"method": "mixcl"}, {})
+    )
     assert default.model.dense_source == "decoder"
 
 
@@ -397,14 +400,16 @@ def test_pretraining_runs_carry_what_tells_two_pretrainings_apart():
     # two cached pre-trainings of a multi-seed study differ in their seed (and views): their
     # MLflow runs must say so, not only their loss weights
     from mixcl_ray.config import load_config
-    from mixcl_ray.trial import pretrain_overrides, pretrain_params
+    from mixcl_ray.dimensions import pretrain_params, stage_overrides
 
     ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
     runs = []
     for seed, offset in ((0, 0), (1, 0), (1, 6)):
-        over = pretrain_overrides({"method": "mixcl", "seed": seed, "crop_offset": offset}, {})
+        over = stage_overrides(
+            "pretrain", {"method": "mixcl", "seed": seed, "crop_offset": offset}, {}
+        )
         pre = load_config("pretrain", overrides=over)
-        runs.append(pretrain_params(pre, ctx, f"key-{seed}"))
+        runs.append(pretrain_params(pre, f"key-{seed}", **ctx))
     assert [r["seed"] for r in runs] == [0, 1, 1]
     assert [r["crop_offset"] for r in runs] == [0, 0, 6]
     assert runs[0]["l_label"] == 1.0 and runs[0]["temperature_id"] == 0.1
@@ -478,11 +483,13 @@ def test_pretrained_lr_scale_slows_the_loaded_parameters_only():
     schedule scaling both groups alike; at 1 (the default) there is one group, as before. As a
     space dimension it sets the fine-tuning and is a param ("" for scratch, nothing loaded)."""
     from mixcl_ray.config import load_config
+    from mixcl_ray.dimensions import stage_overrides, trial_params
     from mixcl_ray.models import SegmentationNet
     from mixcl_ray.train_utils import build_optimizer, build_scheduler
-    from mixcl_ray.trial import finetune_overrides, trial_params
 
-    ft = load_config("finetune", overrides=finetune_overrides({"pretrained_lr_scale": 0.1}, {}))
+    ft = load_config(
+        "finetune", overrides=stage_overrides("finetune", {"pretrained_lr_scale": 0.1}, {})
+    )
     assert ft.pretrained_lr_scale == 0.1 and load_config("finetune").pretrained_lr_scale == 1
     net = SegmentationNet(ft.model, 2)
     loaded = list(net.backbone.encoder.parameters())
@@ -499,8 +506,8 @@ def test_pretrained_lr_scale_slows_the_loaded_parameters_only():
     assert len(build_optimizer(net, ft.optim, loaded, 1.0).param_groups) == 1
     ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
     pre = load_config("pretrain")
-    assert trial_params({"method": "mixcl"}, pre, ft, ctx)["pretrained_lr_scale"] == 0.1
-    assert trial_params({"method": "scratch"}, None, ft, ctx)["pretrained_lr_scale"] == ""
+    assert trial_params({"method": "mixcl"}, pre, ft, **ctx)["pretrained_lr_scale"] == 0.1
+    assert trial_params({"method": "scratch"}, None, ft, **ctx)["pretrained_lr_scale"] == ""
     with pytest.raises(ValueError, match="pretrained_lr_scale must be > 0"):
         load_config("finetune", overrides={"pretrained_lr_scale": 0})
 
@@ -510,7 +517,7 @@ def test_scale_scratch_slows_a_fresh_encoder_as_a_control():
     ``pretrained_lr_scale`` (the control for a slower encoder); without it scratch has one rate,
     and a pre-trained run's parts are the loaded ones either way."""
     from mixcl_ray.config import load_config
-    from mixcl_ray.trial import trial_params
+    from mixcl_ray.dimensions import trial_params
 
     plain = load_config("finetune", overrides={"pretrained_lr_scale": 0.1})
     control = load_config("finetune", overrides={"pretrained_lr_scale": 0.1, "scale_scratch": True})
@@ -520,5 +527,34 @@ def test_scale_scratch_slows_a_fresh_encoder_as_a_control():
     assert control.scaled_parts(pretrained=False) == ("encoder",)
     assert both.scaled_parts(pretrained=False) == ("encoder", "decoder")
     ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
-    assert trial_params({"method": "scratch"}, None, control, ctx)["pretrained_lr_scale"] == 0.1
-    assert trial_params({"method": "scratch"}, None, plain, ctx)["pretrained_lr_scale"] == ""
+    assert trial_params({"method": "scratch"}, None, control, **ctx)["pretrained_lr_scale"] == 0.1
+    assert trial_params({"method": "scratch"}, None, plain, **ctx)["pretrained_lr_scale"] == ""
+
+
+def test_every_dimension_sets_its_stage_field_and_is_a_param():
+    """The dimension table drives the overrides and the params: a value of each dimension lands
+    in its stage's config and comes back as the param of the same name."""
+    from mixcl_ray.config import load_config
+    from mixcl_ray.dimensions import DIMENSIONS, markdown, stage_overrides, trial_params
+
+    values = {"float": 0.25, "int": 3}
+    for d in DIMENSIONS.values():
+        if not d.field:
+            continue
+        value = d.choices[-1] if d.choices else values[d.kind.__name__]
+        sample = {"method": "mixcl", d.name: value}
+        pre = load_config("pretrain", overrides=stage_overrides("pretrain", sample, {}))
+        ft = load_config("finetune", overrides=stage_overrides("finetune", sample, {}))
+        params = trial_params(sample, pre, ft, preset="cpu-tiny", fingerprint="f" * 64)
+        assert params[d.name] == value, d.name
+        stages = [pre, ft] if d.stage == "both" else [pre if d.stage == "pretrain" else ft]
+        for config in stages:
+            for part in d.field.split("."):
+                config = getattr(config, part)
+            assert config == value, d.name
+        assert f"| `{d.name}` |" in markdown()
+    # the method's weights first, a sampled weight over them; scratch has no pre-training
+    over = stage_overrides("pretrain", {"method": "label", "l_rec": 0.5}, {"loss": {"l_id": 2}})
+    assert over["loss"] == {"l_id": 0.0, "l_label": 1.0, "l_rec": 0.5}
+    assert stage_overrides("pretrain", {"method": "scratch", "l_rec": 0.5}, {}) is None
+    assert stage_overrides("finetune", {}, {})["label_fraction"] == 1.0  # defaults apply

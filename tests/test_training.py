@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from data_prep.reader import load_case, read_splits
-from mixcl_ray import trial
+from mixcl_ray import scoring
 from mixcl_ray.checkpoints import SNAPSHOT_FILE, load_checkpoint_state, resume_epoch
 from mixcl_ray.config import FinetuneConfig, load_config, merge
 from mixcl_ray.engine import FAIL_AFTER_EPOCH_ENV
@@ -325,7 +325,7 @@ def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_
     assert seen.keys() == scores.keys() and torch.equal(seen[first["case_id"]], again)
     (tmp_path / "test").mkdir()
     # (module access: pytest would collect a test_* function imported here)
-    metrics, pngs = trial.test_scores(
+    metrics, pngs = scoring.test_scores(
         prepared_benchmark, config, result.best_model, tmp_path / "test", 1
     )
     assert metrics["test/cases"] >= 1 and 0 <= metrics["test/dice_mean"] <= 1

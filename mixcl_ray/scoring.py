@@ -1,0 +1,64 @@
+"""A trial's test-split score: Dice of its best weights on the target's test cases, and a few
+overlay PNGs of the scored predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.locations import open_for_torch
+
+
+def test_scores(
+    data_dir, ft_cfg, best_model, out_dir: Path, overlays: int = 3
+) -> tuple[dict, list[Path]]:
+    """Test-split Dice of the best weights (``test/dice_mean``, ``test/dice/<organ>``) and a few
+    overlay PNGs (image / ground truth / prediction)."""
+    import torch
+
+    from data_prep.reader import load_case, read_splits
+    from mixcl_ray.evaluate import nan_mean
+    from mixcl_ray.evaluate import validate_cases as _validate
+    from mixcl_ray.feed import class_lookup, target_source
+    from mixcl_ray.models import SegmentationNet
+    from mixcl_ray.plots import overlay_png
+
+    source = target_source(data_dir, ft_cfg.source)
+    lut, names = class_lookup(data_dir, source)
+    ids = (
+        read_splits(data_dir)["sources"][source]["test"]
+        or read_splits(data_dir)["sources"][source]["val"]
+    )
+    model = SegmentationNet(ft_cfg.model, len(names))
+    weights = torch.load(open_for_torch(best_model), map_location="cpu", weights_only=True)
+    model.load_state_dict(weights["model"])
+    cases = [dict(c, label=lut[c["label"]]) for c in (load_case(data_dir, i) for i in ids)]
+    pngs = []
+
+    def draw(case, prediction):  # the scored prediction of the first cases, not a second one
+        if len(pngs) < overlays:
+            path = out_dir / f"overlay_{case['case_id'].replace('/', '_')}.png"
+            overlay_png(
+                case["image"], case["label"], prediction[0, 0].numpy(), path, case["case_id"]
+            )
+            pngs.append(path)
+
+    per_case = _validate(
+        model,
+        cases,
+        len(names),
+        ft_cfg.patches.patch_size,
+        torch.device("cpu"),
+        ft_cfg.sw_batch_size,
+        ft_cfg.sw_overlap,
+        on_prediction=draw,
+    )
+    table = np.stack([per_case[k] for k in sorted(per_case)])
+    per_class = [nan_mean(table[:, c]) for c in range(table.shape[1])]
+    metrics = {
+        "test/dice_mean": nan_mean(per_class),
+        "test/cases": len(cases),
+        **{f"test/dice/{n}": d for n, d in zip(names[1:], per_class, strict=True)},
+    }
+    return metrics, pngs
