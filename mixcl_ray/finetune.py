@@ -172,7 +172,7 @@ def run_finetuning(
     from mixcl_ray.pretrain import PRETRAINED_FILE
     from mixcl_ray.train_utils import cpus_per_worker, run_name
 
-    check_patch_size(SegmentationNet(config.model, 2).backbone, config.patches.patch_size)
+    check_patch_size(config.model, config.patches.patch_size)
     source = target_source(data_dir, config.source)
     config = merge(config, {"source": source})
     lut, names = class_lookup(data_dir, source)
@@ -186,9 +186,10 @@ def run_finetuning(
             pretrained = locations.join(pretrained, PRETRAINED_FILE)
         if not locations.is_file(pretrained):
             raise FileNotFoundError(f"pre-trained weights not found: {describe(pretrained)}")
-        summary = load_pretrained(
-            SegmentationNet(config.model, len(names)), pretrained, parts=config.pretrained_parts
-        ).summary()
+        with torch.device("meta"):  # keys and shapes only: nothing allocated, nothing copied
+            network = SegmentationNet(config.model, len(names))
+        parts = config.pretrained_parts
+        summary = load_pretrained(network, pretrained, parts=parts, copy=False).summary()
     config_dict = to_dict(config)
     manifest = read_manifest(data_dir)
     model_card = {  # what a prediction on a raw scan needs (mixcl_ray.predict)

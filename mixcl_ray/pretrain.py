@@ -100,10 +100,9 @@ def run_pretraining(
     from mixcl_ray.engine import fit_stage
     from mixcl_ray.feed import build_pretrain_dataset, pretraining_cases
     from mixcl_ray.models import check_patch_size
-    from mixcl_ray.models.backbones import build_backbone
     from mixcl_ray.train_utils import cpus_per_worker, run_name
 
-    check_patch_size(build_backbone(config.model), config.patches.patch_size)
+    check_patch_size(config.model, config.patches.patch_size)
     manifest = read_manifest(data_dir)
     config_dict = to_dict(config)
     name = name or run_name("pretrain", config_dict, manifest["input_fingerprint"])

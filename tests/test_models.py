@@ -11,7 +11,6 @@ from mixcl_ray.config import LossConfig, ModelConfig, from_dict, loss_config_for
 from mixcl_ray.models import (
     MixCLModel,
     SegmentationNet,
-    build_backbone,
     check_patch_size,
     load_pretrained,
     save_pretrained,
@@ -122,9 +121,9 @@ def test_mismatched_networks_are_reported_and_strict_refuses(tmp_path):
 
 
 def test_patch_size_checks():
-    check_patch_size(build_backbone(TINY), (32, 32, 32))
+    check_patch_size(TINY, (32, 32, 32))
     with pytest.raises(ValueError, match="multiple of 16"):
-        check_patch_size(build_backbone(TINY), (32, 24, 32))
+        check_patch_size(TINY, (32, 24, 32))
 
 
 @pytest.mark.parametrize(
@@ -187,3 +186,18 @@ def test_view_transform_maps_embeddings_back_to_the_patch_frame(dense_source):
         mapped["reconstruction"], plain["reconstruction"]
     )  # stays in the view frame
     assert not torch.allclose(mapped["global_embedding"], plain["global_embedding"])
+
+
+def test_a_check_only_load_needs_no_weights_in_the_network(tmp_path):
+    """The fine-tuning driver checks the pre-trained file against a network on the meta device:
+    the same report as a real load, nothing allocated, and a mismatch still refused."""
+    save_pretrained(MixCLModel(TINY), tmp_path / "p.pt")
+    real = load_pretrained(SegmentationNet(TINY, 2), tmp_path / "p.pt", parts=("encoder",))
+    with torch.device("meta"):
+        ghost = SegmentationNet(TINY, 2)
+        other = SegmentationNet(ModelConfig(features=(4, 8, 8, 16, 32, 8)), 2)
+    checked = load_pretrained(ghost, tmp_path / "p.pt", parts=("encoder",), copy=False)
+    assert checked.summary() == real.summary() and checked.loaded == real.loaded
+    assert all(p.is_meta for p in ghost.parameters())
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_pretrained(other, tmp_path / "p.pt", copy=False)

@@ -125,13 +125,15 @@ class SwinBackbone(nn.Module):
 
 def build_backbone(config: ModelConfig) -> UNetBackbone | SwinBackbone:
     """The encoder-decoder that ``config.backbone`` names."""
-    return UNetBackbone(config) if config.backbone == "unet" else SwinBackbone(config)
+    return (UNetBackbone if config.backbone == "unet" else SwinBackbone)(config)
 
 
-def check_patch_size(backbone: nn.Module, patch_size: tuple[int, ...]) -> None:
+def check_patch_size(config: ModelConfig, patch_size: tuple[int, ...]) -> None:
+    """Refuse a patch size the configured backbone cannot take (without building it)."""
+    backbone = UNetBackbone if config.backbone == "unet" else SwinBackbone
     bad = [s for s in patch_size if s % backbone.divisor or s < backbone.min_side]
     if bad:
         raise ValueError(
-            f"patch size {tuple(patch_size)} does not suit {type(backbone).__name__}: every side "
+            f"patch size {tuple(patch_size)} does not suit {backbone.__name__}: every side "
             f"must be a multiple of {backbone.divisor} and at least {backbone.min_side}"
         )

@@ -82,13 +82,15 @@ def load_pretrained(
     source: str | os.PathLike | dict,
     parts: tuple[str, ...] = PARTS,
     strict: bool = True,
+    copy: bool = True,
 ) -> LoadReport:
     """Copy ``parts`` of a pre-trained backbone into ``model.backbone``.
 
     ``source``: a file from ``save_pretrained`` (a path or object-store URI) or a state dict keyed
     ``encoder.*``/``decoder.*``.
     Every key of the requested parts is checked in both directions and by shape; with
-    ``strict`` any mismatch raises before anything is copied.
+    ``strict`` any mismatch raises before anything is copied. ``copy`` false only checks and
+    reports (``model`` may then live on the meta device: nothing is allocated).
     """
     if isinstance(source, dict) and "state" not in source:
         state = source
@@ -118,6 +120,7 @@ def load_pretrained(
     with torch.no_grad():
         for key in sorted(set(targets) & set(wanted)):
             if wanted[key].shape == targets[key].shape:
-                targets[key].copy_(wanted[key])
+                if copy:
+                    targets[key].copy_(wanted[key])
                 report.loaded.append(key)
     return report
