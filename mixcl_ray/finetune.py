@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from data_prep import locations
 from data_prep.locations import Location, describe
-from mixcl_ray.config import FinetuneConfig, load_config, merge, to_dict
+from mixcl_ray.config import FinetuneConfig, merge, to_dict
 from mixcl_ray.engine import Stage, StageJob
 from mixcl_ray.storage import ensure_writable
 from mixcl_ray.train_utils import autocast, gather
@@ -237,16 +234,15 @@ def run_finetuning(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mixcl_ray.commands import add_common_arguments
+
     parser = argparse.ArgumentParser(
         prog="python -m mixcl_ray.finetune",
-        description="Fine-tune a segmentation network on a label fraction of the target task, from "
-        "scratch or from pre-trained weights; validation Dice per organ with sliding-window inference.",
+        description="Fine-tune a segmentation network on a label fraction of the target task, "
+        "from scratch or from pre-trained weights; validation Dice per organ with sliding-window "
+        "inference. Re-running the same command with the same --storage resumes.",
     )
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="output folder (or object-store URI) of `python -m data_prep prepare`",
-    )
+    add_common_arguments(parser, "finetune", storage_default="runs")
     parser.add_argument(
         "--label-fraction",
         required=True,
@@ -257,56 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained",
         help="pretrained.pt or a pre-training checkpoint folder (a path or object-store URI)",
     )
-    parser.add_argument(
-        "--storage",
-        default="runs",
-        help="checkpoint folder or object-store URI such as s3://bucket/runs (default: runs)",
-    )
-    parser.add_argument("--preset", choices=["cpu-tiny", "paper"], default="cpu-tiny")
-    parser.add_argument("--config", type=Path, help="YAML overrides")
     parser.add_argument("--source", help="target source (default: the manifest's target)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--name", help="run name (default: derived from config, so re-runs resume)")
-    parser.add_argument("--address", help="Ray address (e.g. auto); default: start Ray locally")
-    parser.add_argument(
-        "--experiment",
-        default="mixcl_ray-finetune",
-        help="MLflow experiment (the store: <storage>/mlflow.db, or MLFLOW_TRACKING_URI)",
-    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mixcl_ray.ray_start import init_ray
+    from mixcl_ray.commands import run_command
+    from mixcl_ray.dimensions import trial_params
 
     args = build_parser().parse_args(argv)
-    overrides: dict = {"label_fraction": args.label_fraction}
-    if args.source:
-        overrides["source"] = args.source
-    for key, value, section in (
-        ("seed", args.seed, "optim"),
-        ("epochs", args.epochs, "optim"),
-        ("workers", args.workers, "scaling"),
-    ):
-        if value is not None:
-            overrides.setdefault(section, {})[key] = value
-    if args.gpu:
-        overrides.setdefault("scaling", {})["use_gpu"] = True
-    try:
-        config = load_config("finetune", args.preset, args.config, overrides)
-        storage = ensure_writable(args.storage)
-        init_ray(args.address)
-        from data_prep.reader import read_manifest
-        from mixcl_ray.dimensions import trial_params
-        from mixcl_ray.progress import EpochLines
-        from mixcl_ray.run_tracking import StandaloneRun
+    method = "pretrained" if args.pretrained else "scratch"
 
-        method = "pretrained" if args.pretrained else "scratch"
-        fingerprint = read_manifest(args.data)["input_fingerprint"]
-        params = trial_params(
+    def describe_run(config, fingerprint):
+        name = f"{method} {100 * config.label_fraction:g}% seed {config.optim.seed}"
+        return name, trial_params(
             {"method": method},
             None,
             config,
@@ -314,40 +274,31 @@ def main(argv: list[str] | None = None) -> int:
             fingerprint=fingerprint,
             pretrained=bool(args.pretrained),
         )
-        run_name = f"{method} {100 * config.label_fraction:g}% seed {config.optim.seed}"
-        with (
-            StandaloneRun("finetune", storage, args.experiment, run_name, params) as run,
-            EpochLines("finetune", config.optim.epochs) as lines,
-        ):
-            result = run_finetuning(
-                args.data,
-                storage,
-                config,
-                args.pretrained,
-                args.name,
-                [lines.callback, *run.callbacks],
-            )
-            run.finish(
-                {
-                    "best_checkpoint": describe(result.best_model),
-                    "pretrained_weights": describe(args.pretrained) if args.pretrained else "",
-                    "load_report": result.load_summary or "",
-                    "hardware": result.hardware,
-                }
-            )
-    except (ValueError, OSError) as err:  # OSError: missing files, an object store refused
-        print(f"error: {err}", file=sys.stderr)
+
+    result = run_command(
+        args,
+        "finetune",
+        {"label_fraction": args.label_fraction, **({"source": args.source} if args.source else {})},
+        describe_run,
+        lambda config, storage, callbacks: run_finetuning(
+            args.data, storage, config, args.pretrained, args.name, callbacks
+        ),
+        lambda r: {
+            "best_checkpoint": describe(r.best_model),
+            "pretrained_weights": describe(args.pretrained) if args.pretrained else "",
+            "load_report": r.load_summary or "",
+            "hardware": r.hardware,
+        },
+    )
+    if result is None:
         return 2
     if result.load_summary:
         print(f"pre-trained weights: {result.load_summary}")
     m = result.metrics
     print(
-        json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}, indent=1)
-    )
-    print(f"trained on: {result.hardware}")
-    print(
-        f"fine-tuning {result.name} done: best validation Dice {m.get('val/best_dice_mean', float('nan')):.4f}, "
-        f"final {m.get('val/dice_mean', float('nan')):.4f}; best weights {describe(result.best_model)}"
+        f"fine-tuning {result.name} done: best validation Dice "
+        f"{m.get('val/best_dice_mean', float('nan')):.4f}, final "
+        f"{m.get('val/dice_mean', float('nan')):.4f}; best weights {describe(result.best_model)}"
     )
     return 0
 

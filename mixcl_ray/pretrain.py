@@ -9,16 +9,13 @@ weights. Re-running the same command with the same storage resumes an interrupte
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from data_prep import locations
 from data_prep.locations import Location, describe
-from mixcl_ray.config import PretrainConfig, load_config, to_dict
+from mixcl_ray.config import PretrainConfig, to_dict
 from mixcl_ray.engine import Stage, StageJob
 from mixcl_ray.storage import ensure_writable
 
@@ -133,26 +130,14 @@ def run_pretraining(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mixcl_ray.commands import add_common_arguments
+
     parser = argparse.ArgumentParser(
         prog="python -m mixcl_ray.pretrain",
-        description="MixCL pre-training on Ray Train (DDP workers fed by Ray Data). Re-running the same "
-        "command with the same --storage resumes an interrupted run.",
+        description="MixCL pre-training on Ray Train (DDP workers fed by Ray Data). Re-running the "
+        "same command with the same --storage resumes an interrupted run.",
     )
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="output folder (or object-store URI) of `python -m data_prep prepare`",
-    )
-    parser.add_argument(
-        "--storage",
-        required=True,
-        help="folder for checkpoints: local, a filesystem every node mounts, or an object-store "
-        "URI such as s3://bucket/runs",
-    )
-    parser.add_argument("--preset", choices=["cpu-tiny", "paper"], default="cpu-tiny")
-    parser.add_argument(
-        "--config", type=Path, help="YAML overrides, e.g. {loss: {l_rec: 0}, optim: {epochs: 20}}"
-    )
+    add_common_arguments(parser, "pretrain")
     parser.add_argument(
         "--method",
         choices=["mixcl", "identity", "reconstruction", "label"],
@@ -161,74 +146,34 @@ def build_parser() -> argparse.ArgumentParser:
         "and reconstruction consistency, l_id 0, see the README; without --method, the config's "
         "loss weights: all three terms at 1 by default)",
     )
-    parser.add_argument("--workers", type=int, help="Ray Train workers")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
-    parser.add_argument(
-        "--name", help="run name (default: derived from config and data, so re-runs resume)"
-    )
-    parser.add_argument("--address", help="Ray address (e.g. auto); default: start Ray locally")
-    parser.add_argument(
-        "--experiment",
-        default="mixcl_ray-pretrain",
-        help="MLflow experiment (the store: <storage>/mlflow.db, or MLFLOW_TRACKING_URI)",
-    )
     return parser
 
 
-def overrides_from_args(args) -> dict:
-    from mixcl_ray.config import method_weights
-
-    overrides: dict = {}
-    if args.method:
-        overrides["loss"] = method_weights(args.method)
-    if args.workers:
-        overrides.setdefault("scaling", {})["workers"] = args.workers
-    if args.gpu:
-        overrides.setdefault("scaling", {})["use_gpu"] = True
-    if args.epochs:
-        overrides.setdefault("optim", {})["epochs"] = args.epochs
-    return overrides
-
-
 def main(argv: list[str] | None = None) -> int:
+    from mixcl_ray.commands import run_command
+    from mixcl_ray.config import method_weights
+    from mixcl_ray.dimensions import pretrain_params
+
     args = build_parser().parse_args(argv)
-    try:
-        config = load_config("pretrain", args.preset, args.config)
-        if overrides_from_args(args):
-            from mixcl_ray.config import merge
 
-            config = merge(config, overrides_from_args(args))
-        storage = ensure_writable(args.storage)
-        from mixcl_ray.ray_start import init_ray
-
-        init_ray(args.address)
-        from data_prep.reader import read_manifest
-        from mixcl_ray.dimensions import pretrain_params
-        from mixcl_ray.progress import EpochLines
-        from mixcl_ray.run_tracking import StandaloneRun
-
-        fingerprint = read_manifest(args.data)["input_fingerprint"]
-        params = pretrain_params(
+    def describe_run(config, fingerprint):
+        name = args.name or f"pretrain seed {config.optim.seed}"
+        return name, pretrain_params(
             config, args.name or "", preset=config.preset, fingerprint=fingerprint
         )
-        run_name = args.name or f"pretrain seed {config.optim.seed}"
-        with (
-            StandaloneRun("pretrain", storage, args.experiment, run_name, params) as run,
-            EpochLines("pretrain", config.optim.epochs) as lines,
-        ):
-            result = run_pretraining(
-                args.data, storage, config, args.name, callbacks=[lines.callback, *run.callbacks]
-            )
-            run.finish({"checkpoint": describe(result.checkpoint), "hardware": result.hardware})
-    except (ValueError, OSError) as err:  # OSError: missing files, an object store refused
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    m = result.metrics
-    print(
-        json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}, indent=1)
+
+    result = run_command(
+        args,
+        "pretrain",
+        {"loss": method_weights(args.method)} if args.method else {},
+        describe_run,
+        lambda config, storage, callbacks: run_pretraining(
+            args.data, storage, config, args.name, callbacks=callbacks
+        ),
+        lambda r: {"checkpoint": describe(r.checkpoint), "hardware": r.hardware},
     )
-    print(f"trained on: {result.hardware}")
+    if result is None:
+        return 2
     print(f"pre-training {result.name} done: final checkpoint {describe(result.checkpoint)}")
     print(f"pre-trained weights for fine-tuning: {describe(result.pretrained)}")
     return 0
