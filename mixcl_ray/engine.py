@@ -247,24 +247,48 @@ def data_config(deterministic: bool, object_store_mb: int = 0):
 
 
 def fit_stage(
-    stage_cls: type[Stage], job: StageJob, per_worker_cpus: float, storage, name, callbacks, dataset
+    stage_cls: type[Stage],
+    config,
+    *,
+    patches_per_epoch: int,
+    storage,
+    name: str,
+    callbacks,
+    dataset_for,
+    job_cls: type[StageJob] = StageJob,
+    **job_fields,
 ) -> tuple:
-    """Run one Ray Train stage; returns (last checkpoint folder, last metrics, the last
-    checkpoint's ``extra``: the epoch history, the hardware, what the stage kept).
+    """Run one Ray Train stage of ``config``; returns (last checkpoint folder, last metrics, the
+    last checkpoint's ``extra``: the epoch history, the hardware, what the stage kept).
     ``storage`` may be an object-store URI; the folder returned is then a URI too.
+    ``dataset_for(epoch_offset)``: the stage's Ray Dataset, its draws starting at that epoch;
+    ``job_fields``: what the stage's workers get besides the config (a ``job_cls``).
 
     Re-running with the same storage and name resumes from the last checkpoint; a worker
     failure restarts the group from it (``scaling.max_failures`` times). With
     ``patches.deterministic`` the dataset's blocks reach the workers in the same order every
     run (``data_config``)."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from data_prep import locations
+    from mixcl_ray.checkpoints import resume_epoch
+    from mixcl_ray.storage import ensure_writable
+    from mixcl_ray.train_utils import cpus_per_worker
 
+    scaling, patches = config.scaling, config.patches
+    storage = ensure_writable(storage)
+    per_worker_cpus = cpus_per_worker(scaling, ray.cluster_resources().get("CPU", 1))
     failure = os.environ.get(FAIL_AFTER_EPOCH_ENV)
-    job = dataclasses.replace(job, fail_after_epoch=int(failure) if failure else None)
-    scaling, patches = job.config.scaling, job.config.patches
+    job = job_cls(
+        config=config,
+        steps_per_epoch=max(1, patches_per_epoch // (patches.batch_size * scaling.workers)),
+        torch_threads=max(1, int(per_worker_cpus)),
+        fail_after_epoch=int(failure) if failure else None,
+        **job_fields,
+    )
+    dataset = dataset_for(resume_epoch(locations.join(storage, name)))
     trainer = TorchTrainer(
         functools.partial(run_stage, stage_cls, job),
         scaling_config=ray.train.ScalingConfig(

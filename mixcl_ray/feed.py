@@ -250,9 +250,7 @@ def _finetune_case(row: dict, lut: np.ndarray) -> dict:
 CHUNK = 8  # patches per output block: the consumer starts on a case's first patches early
 
 
-def _segmentation_examples(
-    batch: dict, p: PatchConfig, seed: int, repeats: int, epoch_offset: int
-):
+def _segmentation_examples(batch: dict, p: PatchConfig, seed: int, repeats: int, epoch_offset: int):
     """One case -> patches_per_case x repeats (image, label) patches, yielded in blocks of at
     most CHUNK so that Ray Data streams them: with a small label fraction there are only a
     few cases, and one large block per case kept the workers waiting for whole cases."""

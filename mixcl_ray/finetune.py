@@ -19,7 +19,6 @@ from data_prep import locations
 from data_prep.locations import Location, describe
 from mixcl_ray.config import FinetuneConfig, merge, to_dict
 from mixcl_ray.engine import Stage, StageJob
-from mixcl_ray.storage import ensure_writable
 from mixcl_ray.train_utils import autocast, gather
 
 BEST_FILE = "best_model.pt"
@@ -154,10 +153,8 @@ def run_finetuning(
     callbacks: list | None = None,
 ) -> FinetuneResult:
     """Fine-tune with Ray Train (Ray must be initialised); resumes a run of the same name."""
-    import ray
 
     from data_prep.reader import read_manifest, read_splits
-    from mixcl_ray.checkpoints import resume_epoch
     from mixcl_ray.engine import fit_stage
     from mixcl_ray.feed import (
         build_finetune_dataset,
@@ -167,7 +164,7 @@ def run_finetuning(
     )
     from mixcl_ray.models import SegmentationNet, check_patch_size, load_pretrained
     from mixcl_ray.pretrain import PRETRAINED_FILE
-    from mixcl_ray.train_utils import cpus_per_worker, run_name
+    from mixcl_ray.train_utils import run_name
 
     check_patch_size(config.model, config.patches.patch_size)
     source = target_source(data_dir, config.source)
@@ -202,25 +199,21 @@ def run_finetuning(
         {"config": config_dict, "pretrained": str(pretrained)},
         manifest["input_fingerprint"],
     )
-    workers = config.scaling.workers
-    per_worker = cpus_per_worker(config.scaling, ray.cluster_resources().get("CPU", 1))
-    per_epoch, _ = finetune_epoch_size(data_dir, config)
-    storage = ensure_writable(storage)
-    run_dir = locations.join(storage, name)
-    dataset = build_finetune_dataset(data_dir, config, epoch_offset=resume_epoch(run_dir))
-    job = FinetuneJob(
-        config=config,
-        steps_per_epoch=max(1, per_epoch // (config.patches.batch_size * workers)),
-        torch_threads=max(1, int(per_worker)),
+    folder, metrics, extra = fit_stage(
+        FinetuneStage,
+        config,
+        patches_per_epoch=finetune_epoch_size(data_dir, config)[0],
+        storage=storage,
+        name=name,
+        callbacks=callbacks,
+        dataset_for=lambda offset: build_finetune_dataset(data_dir, config, epoch_offset=offset),
+        job_cls=FinetuneJob,
         class_names=tuple(names),
         lut=tuple(int(v) for v in lut),
         data_dir=str(locations.as_location(data_dir)),
         val_ids=tuple(splits["val"]),
         pretrained=str(pretrained) if pretrained else None,
         model_card=model_card,
-    )
-    folder, metrics, extra = fit_stage(
-        FinetuneStage, job, per_worker, storage, name, callbacks, dataset
     )
     return FinetuneResult(
         folder,

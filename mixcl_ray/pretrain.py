@@ -16,7 +16,7 @@ import torch
 from data_prep import locations
 from data_prep.locations import Location, describe
 from mixcl_ray.config import PretrainConfig, to_dict
-from mixcl_ray.engine import Stage, StageJob
+from mixcl_ray.engine import Stage
 from mixcl_ray.storage import ensure_writable
 
 PRETRAINED_FILE = "pretrained.pt"
@@ -90,33 +90,27 @@ def run_pretraining(
 ) -> PretrainResult:
     """Pre-train with Ray Train (Ray must be initialised). Re-running with the same storage and
     name resumes from the last checkpoint."""
-    import ray
 
     from data_prep.reader import read_manifest
-    from mixcl_ray.checkpoints import resume_epoch
     from mixcl_ray.engine import fit_stage
     from mixcl_ray.feed import build_pretrain_dataset, pretraining_cases
     from mixcl_ray.models import check_patch_size
-    from mixcl_ray.train_utils import cpus_per_worker, run_name
+    from mixcl_ray.train_utils import run_name
 
     check_patch_size(config.model, config.patches.patch_size)
     manifest = read_manifest(data_dir)
     config_dict = to_dict(config)
     name = name or run_name("pretrain", config_dict, manifest["input_fingerprint"])
     storage = ensure_writable(storage)
-    run_dir = locations.join(storage, name)
     ids, _ = pretraining_cases(data_dir, config.pretrain_label_fraction, config.target_images)
-    workers = config.scaling.workers
-    per_worker = cpus_per_worker(config.scaling, ray.cluster_resources().get("CPU", 1))
-    steps_per_epoch = max(
-        1, len(ids) * config.patches.patches_per_case // (config.patches.batch_size * workers)
-    )
-    dataset = build_pretrain_dataset(data_dir, config, epoch_offset=resume_epoch(run_dir))
-    job = StageJob(
-        config=config, steps_per_epoch=steps_per_epoch, torch_threads=max(1, int(per_worker))
-    )
     folder, metrics, extra = fit_stage(
-        PretrainStage, job, per_worker, storage, name, callbacks, dataset
+        PretrainStage,
+        config,
+        patches_per_epoch=len(ids) * config.patches.patches_per_case,
+        storage=storage,
+        name=name,
+        callbacks=callbacks,
+        dataset_for=lambda offset: build_pretrain_dataset(data_dir, config, epoch_offset=offset),
     )
     return PretrainResult(
         folder,
