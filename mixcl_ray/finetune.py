@@ -155,13 +155,13 @@ def run_finetuning(
     """Fine-tune with Ray Train (Ray must be initialised); resumes a run of the same name."""
 
     from data_prep.reader import read_manifest, read_splits
-    from mixcl_ray.engine import fit_stage
     from mixcl_ray.feed import (
         build_finetune_dataset,
         class_lookup,
         finetune_epoch_size,
         target_source,
     )
+    from mixcl_ray.fit import fit_stage
     from mixcl_ray.models import SegmentationNet, check_patch_size, load_pretrained
     from mixcl_ray.pretrain import PRETRAINED_FILE
     from mixcl_ray.train_utils import run_name

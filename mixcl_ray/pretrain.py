@@ -92,8 +92,8 @@ def run_pretraining(
     name resumes from the last checkpoint."""
 
     from data_prep.reader import read_manifest
-    from mixcl_ray.engine import fit_stage
     from mixcl_ray.feed import build_pretrain_dataset, pretraining_cases
+    from mixcl_ray.fit import fit_stage
     from mixcl_ray.models import check_patch_size
     from mixcl_ray.train_utils import run_name
 

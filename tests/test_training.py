@@ -502,7 +502,7 @@ def test_dice_known_values(pred, true, expected):
 
 
 def test_the_feed_budget_reaches_ray_data_and_is_checked():
-    from mixcl_ray.engine import data_config
+    from mixcl_ray.fit import data_config
 
     # what Ray Train 2.60 hands the "train" dataset's execution (DataConfig.configure)
     default = data_config(True)._resolve_execution_options("train")
