@@ -127,10 +127,8 @@ def evaluate_model(model, data_dir, split: str = "test", device: str = "cpu") ->
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
     import argparse
-    import csv
-    import sys
 
     parser = argparse.ArgumentParser(
         prog="python -m mixcl_ray.evaluate",
@@ -144,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--csv", help="where to write the table (default: stdout only)")
     parser.add_argument("--gpu", action="store_true", help="run on the first CUDA device")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import csv
+    import sys
+
+    args = build_parser().parse_args(argv)
     try:
         rows = evaluate_model(args.model, args.data, args.split, "cuda" if args.gpu else "cpu")
     except (ValueError, OSError, KeyError) as err:

@@ -110,8 +110,8 @@ def hardware_line(cells: list[dict]) -> str:
         return f"fine-tuned on: {kinds[0]}"
     return (
         f"the cells were fine-tuned on {len(kinds)} kinds of machine ({'; '.join(kinds)}): a "
-        "seed's cell can differ between kinds by more than the methods do (README, Benchmarks: "
-        "label efficiency), so compare cells of one kind"
+        "seed's cell can differ between kinds by more than the methods do, so compare cells of "
+        "one kind"
     )
 
 
@@ -153,7 +153,7 @@ def make_report(
     return text, plot
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mixcl_ray.report",
         description=__doc__,
@@ -176,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="folder for report.md, label_efficiency.png and validation_curves.png",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     uri = args.tracking_uri or tracking.default_tracking_uri(args.runs)
     try:
         text, plot = make_report(

@@ -5,10 +5,8 @@ server recipe is started for real and must listen on 127.0.0.1 only."""
 
 import os
 import re
-import shlex
 import signal
 import subprocess
-from importlib import import_module
 from pathlib import Path
 
 import psutil
@@ -16,32 +14,12 @@ import pytest
 import ray
 import yaml
 
+from tests.doc_commands import check_module_command, commands_in
 from tests.servers import MLFLOW_RECIPE, free_port, mlflow_recipe_env, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 LAUNCHER = ["aws.yaml", "gcp.yaml"]
-
-
-def _check_module_command(command: str) -> None:
-    """`python -m mixcl_ray.X ARGS`: the module exists, its parser accepts ARGS, and any
-    --space names a shipped space file."""
-    argv = shlex.split(command)
-    start = argv.index("-m")
-    module, args = argv[start + 1], argv[start + 2 :]
-    found = import_module(module)
-    if not hasattr(found, "build_parser"):  # python -m data_prep runs data_prep.cli
-        found = import_module(f"{module}.cli")
-    parser = found.build_parser()
-    parsed = parser.parse_args(args)  # SystemExit (a failed test) on an unknown flag
-    if getattr(parsed, "space", None):
-        assert (ROOT / parsed.space).exists(), parsed.space
-
-
-def _commands_in(text: str) -> list[str]:
-    """Every `python -m mixcl_ray...`/`data_prep` command line in a text, continuations joined."""
-    text = re.sub(r"\\\n\s*#?\s*", " ", text)
-    return re.findall(r"python -m (?:mixcl_ray|data_prep)[^\n`'\"]*", text)
 
 
 @pytest.mark.parametrize("name", LAUNCHER)
@@ -77,10 +55,10 @@ def test_cluster_launcher_recipes(name):
     assert "/shared" in setup
     head = " ".join(config["head_start_ray_commands"])
     assert "--head" in head and "--dashboard-host=127.0.0.1" in head
-    commands = _commands_in(text)
+    commands = commands_in(text)
     assert any("mixcl_ray.tune" in c for c in commands)
     for command in commands:
-        _check_module_command(command)
+        check_module_command(command)
 
 
 def test_kuberay_recipe():
@@ -90,7 +68,7 @@ def test_kuberay_recipe():
     job = next(d for d in docs if d["kind"] == "RayJob")
     assert job["apiVersion"] == "ray.io/v1"
     spec = job["spec"]
-    _check_module_command(spec["entrypoint"])
+    check_module_command(spec["entrypoint"])
     assert "--storage /shared" in spec["entrypoint"]
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__
@@ -113,14 +91,12 @@ def test_kuberay_recipe():
     assert f"rayproject/ray:{ray.__version__}-" in dockerfile and "pip install" in dockerfile
 
 
-def test_readme_cluster_commands_run_in_the_package():
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Running on a cluster") :]
-    section = section[: section.index("\n## ", 3)]
-    commands = _commands_in(section)
+def test_cluster_page_commands_run_in_the_package():
+    section = (ROOT / "docs" / "cluster.md").read_text()
+    commands = commands_in(section)
     assert any("tune_spaces/spleen.yaml" in c for c in commands)
     for command in commands:
-        _check_module_command(command)
+        check_module_command(command)
     for recipe in re.findall(r"deploy/[\w.\-/]+", section):
         assert (ROOT / recipe).exists(), recipe
 

@@ -161,7 +161,7 @@ def test_config_round_trip_and_methods():
     assert loss_config_for("scratch") is None
     assert (loss_config_for("identity").l_id, loss_config_for("identity").l_rec) == (1.0, 0.0)
     assert loss_config_for("mixcl", temperature_id=0.2).temperature_id == 0.2
-    # MixCL's default leaves the identity term out (README, "MixCL's loss balance"); l_id brings
+    # MixCL's default leaves the identity term out (docs/method.md); l_id brings
     # it back, and the loss config's own defaults keep all three terms
     mixcl = loss_config_for("mixcl")
     assert (mixcl.l_id, mixcl.l_label, mixcl.l_rec) == (0.0, 1.0, 1.0)

@@ -111,45 +111,106 @@ def _bucket_files(prefix: str) -> list[str]:
     return [f"s3://{i.path}" for i in infos if i.type == pafs.FileType.File]
 
 
-def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifacts(
-    prepared_benchmark, mlflow_server, s3, tmp_path
-):
-    data, storage = f"s3://{S3_BUCKET}/sweep-data", f"s3://{S3_BUCKET}/sweep"
-    locations.upload_folder(prepared_benchmark, data)
-    space = tmp_path / "sweep.yaml"
-    space.write_text(
-        SPACE.format(
-            experiment="sweep-test",
-            epochs=1,
-            scheduler="{type: none}",  # every trial runs its full budget (ASHA: the next test)
-            # two trials at once on the 2 CPUs, each sizing its workers on its half; the two
-            # MixCL trials then ask for the one pre-training together (the cache lock)
-            concurrent=2,
+@pytest.fixture(scope="module")
+def store_sweep(prepared_benchmark, ray_paused, mlflow_server, s3_env, tmp_path_factory):
+    """The main job as a cluster runs it, once for the tests below: a 2 x 2 sweep (two trials
+    at once) with its data and storage in the bucket, logging to the tracking server with
+    credentials in the URI; then ``--resume`` of the finished sweep, and the label-efficiency
+    benchmark's report of it."""
+    tmp = tmp_path_factory.mktemp("store-sweep")
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in s3_env.items():
+            env.setenv(key, value)
+        data, storage = f"s3://{S3_BUCKET}/sweep-data", f"s3://{S3_BUCKET}/sweep"
+        locations.upload_folder(prepared_benchmark, data)
+        space = tmp / "sweep.yaml"
+        space.write_text(
+            SPACE.format(
+                experiment="sweep-test",
+                epochs=1,
+                scheduler="{type: none}",  # every trial runs its full budget (ASHA: below)
+                # two trials at once on the 2 CPUs, each sizing its workers on its half; the two
+                # MixCL trials then ask for the one pre-training together (the cache lock)
+                concurrent=2,
+            )
         )
-    )
-    # credentials in the URI (the test server ignores basic auth) must never be written anywhere
-    with_password = mlflow_server.replace("http://", f"http://alice:{PASSWORD}@")
-    args = ["--space", str(space), "--data", data, "--storage", storage]
-    proc = _tune([*args, "--tracking-uri", with_password])
-    out, _ = proc.communicate(timeout=1500)
-    (tmp_path / "tune.log").write_text(out)
-    assert proc.returncode == 0, out[-5000:]
+        # credentials in the URI (the test server ignores basic auth) must never be written
+        with_password = mlflow_server.replace("http://", f"http://alice:{PASSWORD}@")
+        args = ["--space", str(space), "--data", data, "--storage", storage]
+        proc = _tune([*args, "--tracking-uri", with_password])
+        out, _ = proc.communicate(timeout=1500)
+        (tmp / "tune.log").write_text(out)
+        assert proc.returncode == 0, out[-5000:]
+        client = MlflowClient(mlflow_server)
+        first = sorted(t.info.run_id for t in _runs(client, "sweep-test", "trial"))
+        resumed = _tune([*args, "--tracking-uri", with_password, "--resume"])
+        resumed_out, _ = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, resumed_out[-5000:]
+        report = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "label_efficiency.py"),
+                "--report-only",
+                "--experiment",
+                "sweep-test",
+                "--tracking-uri",
+                mlflow_server,
+                "--storage",
+                str(tmp / "bench"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        assert report.returncode == 0, report.stderr[-3000:]
+        yield {
+            "out": out,
+            "client": client,
+            "storage": storage,
+            "server_folder": mlflow_server_folder(mlflow_server),
+            "first_trial_runs": first,
+            "report": report.stdout,
+            "bench": tmp / "bench",
+        }
+
+
+@pytest.fixture
+def sweep_runs(store_sweep):
+    client = store_sweep["client"]
+    (parent,) = _runs(client, "sweep-test", "sweep")
+    return client, parent, _runs(client, "sweep-test", "trial")
+
+
+def test_store_sweep_tells_the_user_where_the_results_are(store_sweep):
+    out, storage = store_sweep["out"], store_sweep["storage"]
     assert "study finished" in out and "mlflow ui" in out
     assert f"label-efficiency plot: {storage}/report/" in out
-    assert PASSWORD not in out and S3_SECRET not in out
-    written = [f for f in Path(mlflow_server_folder(mlflow_server)).rglob("*") if f.is_file()]
+
+
+def test_store_sweep_writes_no_credential_anywhere(store_sweep, sweep_runs, s3):
+    assert PASSWORD not in store_sweep["out"] and S3_SECRET not in store_sweep["out"]
+    written = [f for f in Path(store_sweep["server_folder"]).rglob("*") if f.is_file()]
     leaks = [f for f in written if PASSWORD.encode() in f.read_bytes()]
     leaks += [
         f
-        for f in _bucket_files(storage)
+        for f in _bucket_files(store_sweep["storage"])
         if PASSWORD.encode() in (content := locations.read_bytes(f))
         or S3_SECRET.encode() in content
     ]
     assert not leaks, leaks
+    client, parent, trials = sweep_runs
+    pretrains = _runs(client, "sweep-test", "pretrain")
+    for t in [*trials, *pretrains, parent]:
+        recorded = json.dumps([t.data.params, t.data.tags, t.data.metrics])
+        assert PASSWORD not in recorded and "alice" not in recorded
 
-    client = MlflowClient(mlflow_server)
-    (parent,) = _runs(client, "sweep-test", "sweep")
-    trials = _runs(client, "sweep-test", "trial")
+
+def test_store_sweep_has_a_parent_and_one_child_run_per_cell_with_the_vocabulary(sweep_runs):
+    from mixcl_ray.dimensions import DIMENSIONS
+
+    _, parent, trials = sweep_runs
     assert len(trials) == 4
     assert all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
     assert {(t.data.params["method"], float(t.data.params["label_fraction"])) for t in trials} == {
@@ -158,42 +219,40 @@ def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifac
         ("mixcl", 0.5),
         ("mixcl", 1.0),
     }
-    vocabulary = {
-        "method",
-        "l_id",
-        "l_label",
-        "l_rec",
-        "temperature_id",
-        "temperature_label",
-        "pretrain_label_fraction",
-        "label_fraction",
-        "seed",
-        "preset",
-        "data_fingerprint",
-        "lr",
-    }
+    vocabulary = {*DIMENSIONS, "preset", "data_fingerprint"}
     assert all(vocabulary <= set(t.data.params) for t in trials)
-    # the pre-training cache: one pre-training for the two MixCL trials
+    assert {t.info.status for t in trials} == {"FINISHED"}
+
+
+def test_store_sweep_pretrains_once_for_both_mixcl_trials_in_the_bucket(
+    store_sweep, sweep_runs, s3
+):
+    client, _, trials = sweep_runs
     pretrains = _runs(client, "sweep-test", "pretrain")
     assert len(pretrains) == 1
     mixcl = [t for t in trials if t.data.params["method"] == "mixcl"]
     assert sorted(t.data.tags["pretrain_reused"] for t in mixcl) == ["False", "True"]
-    cached = {t.data.tags["pretrained_weights"] for t in mixcl}
-    (weights,) = cached  # both trials fine-tune the one cached pre-training, in the bucket
-    assert weights.startswith(f"{storage}/pretrain_cache/") and weights.endswith(".pt")
-    assert locations.is_file(weights)
+    (weights,) = {t.data.tags["pretrained_weights"] for t in mixcl}  # the one cached pre-training
+    assert weights.startswith(f"{store_sweep['storage']}/pretrain_cache/")
+    assert weights.endswith(".pt") and locations.is_file(weights)
     assert "train/loss_label" in pretrains[0].data.metrics
     assert {"seed", "crop_offset", "l_label", "epochs"} <= set(pretrains[0].data.params)
-    assert {t.info.status for t in trials} == {"FINISHED"}
+
+
+def test_store_sweep_runs_name_their_code_and_hardware(sweep_runs):
+    client, parent, trials = sweep_runs
+    pretrains = _runs(client, "sweep-test", "pretrain")
     if (ROOT / ".git").exists():  # a checkout: the sweep and its trials name the code they ran
         assert {t.data.tags.get(CODE_TAG) for t in [*trials, parent]} == {code_version()}
-    # and the hardware their training ran on (this machine's CPU)
     assert {t.data.tags.get(HARDWARE_TAG) for t in [*trials, *pretrains]} == {
         hardware(torch.device("cpu"))
     }
-    for t in [*trials, *pretrains, parent]:
-        recorded = json.dumps([t.data.params, t.data.tags, t.data.metrics])
-        assert PASSWORD not in recorded and "alice" not in recorded
+
+
+def test_store_sweep_trials_log_epochs_test_scores_artifacts_and_checkpoints(
+    store_sweep, sweep_runs, s3
+):
+    client, _, trials = sweep_runs
     for t in trials:
         history = client.get_metric_history(t.info.run_id, "val/dice_mean")
         assert [m.step for m in history] == [0]
@@ -205,9 +264,12 @@ def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifac
         overlays = client.list_artifacts(t.info.run_id, "overlays")
         assert overlays and all(a.path.endswith(".png") for a in overlays)
         best = t.data.tags["best_checkpoint"]
-        assert best.startswith(f"{storage}/finetune/") and locations.is_file(best)
-    parent = client.get_run(parent.info.run_id)
-    assert parent.info.status == "FINISHED"
+        assert best.startswith(f"{store_sweep['storage']}/finetune/") and locations.is_file(best)
+
+
+def test_store_sweep_reports_on_the_parent_run_and_in_the_bucket(store_sweep, sweep_runs, s3):
+    client, parent, _ = sweep_runs
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert artifacts == {
         "report/report.md",
@@ -218,46 +280,31 @@ def test_sweep_on_an_object_store_records_parent_children_params_metrics_artifac
         "sweep/manifest.json",
         "sweep/splits.json",
     }
+    storage = store_sweep["storage"]
     (tune_name,) = [n for n in locations.list_names(f"{storage}/tune") if not n.endswith(".json")]
     for name in ("report.md", "label_efficiency.png", "validation_curves.png"):
         assert locations.is_file(f"{storage}/report/{tune_name}/{name}")
     table = locations.read_text(f"{storage}/report/{tune_name}/report.md")
     assert f"fine-tuned on: {hardware(torch.device('cpu'))}" in table
 
-    # resuming reads the sweep state and Tune's experiment back from the bucket; nothing re-runs
-    resumed = _tune([*args, "--tracking-uri", with_password, "--resume"])
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out[-5000:]
-    again = _runs(client, "sweep-test", "trial")
-    assert sorted(t.info.run_id for t in again) == sorted(t.info.run_id for t in trials)
-    assert {t.info.status for t in again} == {"FINISHED"}
+
+def test_resuming_a_finished_store_sweep_reruns_nothing(store_sweep, sweep_runs):
+    # the sweep state and Tune's experiment are read back from the bucket
+    client, _, trials = sweep_runs
+    assert sorted(t.info.run_id for t in trials) == store_sweep["first_trial_runs"]
+    assert {t.info.status for t in trials} == {"FINISHED"}
     assert len(_runs(client, "sweep-test", "pretrain")) == 1
-    # the label-efficiency benchmark's report of this sweep: both splits and the target check
-    report = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "label_efficiency.py"),
-            "--report-only",
-            "--experiment",
-            "sweep-test",
-            "--tracking-uri",
-            mlflow_server,
-            "--storage",
-            str(tmp_path / "bench"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
-    out = report.stdout
+
+
+def test_label_efficiency_benchmark_reports_the_store_sweep(store_sweep):
+    out = store_sweep["report"]
     assert "machine:" in out and "Validation Dice" in out and "Test Dice" in out
     assert out.count("| mixcl | ") == 2 and out.count("| scratch | ") == 2
     assert re.search(r"validation target vs scratch at 50 %: MixCL [0-9.]+ vs scratch", out)
     assert "test target vs identity: no result at 50 %" in out
-    assert (tmp_path / "bench/label-efficiency-report/label_efficiency_val.png").stat().st_size
+    assert (
+        (store_sweep["bench"] / "label-efficiency-report/label_efficiency_val.png").stat().st_size
+    )
 
 
 def _session_processes(sid: int) -> list[psutil.Process]:

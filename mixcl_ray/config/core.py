@@ -19,18 +19,19 @@ class ModelConfig:
     decoder level), as MONAI's BasicUNet takes them. ``feature_size``: SwinUNETR's width.
     """
 
-    backbone: str = "unet"
-    in_channels: int = 1
+    backbone: str = "unet"  # unet (MONAI BasicUNet) | swinunetr
+    in_channels: int = 1  # image channels
+    # the UNet's channels: 4 encoder levels, bottleneck, last decoder level
     features: tuple[int, ...] = (8, 16, 32, 48, 64, 16)
-    feature_size: int = 12
+    feature_size: int = 12  # SwinUNETR's width (a multiple of 12)
     global_dim: int = 64  # identity embedding size
-    global_hidden: int = 128
+    global_hidden: int = 128  # hidden width of the identity head
     dense_dim: int = 32  # voxel embedding size
     # where the voxel embeddings of the label term come from: "decoder" (its last level) or
     # "encoder" (all five encoder levels, each projected and upsampled to the patch, summed):
     # fine-tuning loads the encoder only, so "encoder" puts the label term on what is kept
     dense_source: str = "decoder"
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout in the backbone
 
     def __post_init__(self):
         _check(
@@ -60,14 +61,14 @@ class ModelConfig:
 class LossConfig:
     """Weights and temperatures of the MixCL loss; a zero weight switches a term off."""
 
-    l_id: float = 1.0
-    l_label: float = 1.0
-    l_rec: float = 1.0
-    temperature_id: float = 0.1
-    temperature_label: float = 0.1
+    l_id: float = 1.0  # identity consistency weight; 0 switches the term off
+    l_label: float = 1.0  # label consistency weight
+    l_rec: float = 1.0  # reconstruction consistency weight
+    temperature_id: float = 0.1  # the identity term's softmax temperature
+    temperature_label: float = 0.1  # the label term's softmax temperature
     reconstruction: str = "l1"  # "l1" | "mse"
     voxels_per_class: int = 64  # cap of sampled voxels per class and batch (both views)
-    background_voxels: int = 128
+    background_voxels: int = 128  # cap of sampled background voxels per batch
 
     def __post_init__(self):
         for name in ("l_id", "l_label", "l_rec"):
@@ -87,11 +88,9 @@ class LossConfig:
 
 
 # The baselines are settings of the same code: (l_id, l_label, l_rec); scratch skips pre-training.
-# MixCL's identity weight is 0: in MixCL the identity term compares the two clean views, which by
-# default differ only in intensity, and fell to 0.06-0.09 within 4 epochs. On the two seeds run
-# both ways, MixCL fine-tuned better at weight 0 than at 1 by 5.1, 11.6 and 6.5 test Dice points
-# on average at 5 %, 15 % and 100 % of the labels (README, "MixCL's loss balance"). ``l_id`` (a
-# space dimension, the loss config) brings it back.
+# MixCL's identity weight is 0 for now: its identity term compares the two clean views, which by
+# default differ only in intensity, so it is near-trivial and fine-tuning was worse with it on
+# (docs/method.md). ``l_id`` (a space dimension, the loss config) brings it back.
 METHODS: dict[str, tuple[float, float, float] | None] = {
     "scratch": None,
     "identity": (1.0, 0.0, 0.0),

@@ -23,10 +23,10 @@ from mixcl_ray.data.views import ViewConfig
 
 @dataclass(frozen=True)
 class PatchConfig:
-    patch_size: tuple[int, int, int] = (32, 32, 32)
+    patch_size: tuple[int, int, int] = (32, 32, 32)  # voxels per side
     patches_per_case: int = 8  # per case and epoch
     pos: float = 1.0  # foreground : background patch centres, as RandCropByPosNegLabeld
-    neg: float = 1.0
+    neg: float = 1.0  # the background share of patch centres (see pos)
     batch_size: int = 4  # per worker
     # decode the volumes once into the object store (True), read and decode them every epoch
     # (False, memory bounded whatever the corpus), or "auto": cache when the decoded cases fill
@@ -39,7 +39,7 @@ class PatchConfig:
     # in order (and splits them between workers the same way) and the shuffle buffer is seeded
     # per epoch and worker; false lets the first finished data task's patches go first
     deterministic: bool = True
-    cpus_per_data_task: float = 0.5
+    cpus_per_data_task: float = 0.5  # CPUs each Ray Data sampling task reserves
     # the feed's object-store budget in MiB (Ray Data's limit for the blocks it holds while it
     # runs); 0: Ray Data's own, half the object store. A streamed corpus otherwise fills up to
     # that half with blocks in flight, which shows as memory growing with the corpus
@@ -87,12 +87,12 @@ class PatchConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    epochs: int = 4
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
+    epochs: int = 4  # passes over the feed
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 1e-5  # AdamW's weight decay
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0 (per step)
     grad_clip: float = 1.0  # max gradient norm; 0 switches clipping off
-    seed: int = 0
+    seed: int = 0  # seeds the weights, the patches and the shuffle
 
     def __post_init__(self):
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
@@ -105,8 +105,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScalingSettings:
-    workers: int = 2
-    use_gpu: bool = False
+    workers: int = 2  # Ray Train workers (DDP)
+    use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float | None = None  # None: 1 with a GPU, else half the CPUs shared by workers
     amp: str = "bf16"  # autocast dtype on GPU: bf16 | fp16 | none (always fp32 on CPU)
     max_failures: int = 2  # worker-group restarts from the last checkpoint
@@ -137,7 +137,7 @@ class PretrainConfig:
     patches: PatchConfig = field(default_factory=PatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
-    preset: str = "cpu-tiny"
+    preset: str = "cpu-tiny"  # the preset these settings started from (recorded with runs)
     pretrain_label_fraction: float = 1.0  # of the labelled pre-training cases whose labels are used
     target_images: bool = True  # the target task's training images join as unlabelled cases
 
@@ -158,11 +158,12 @@ class FinetuneConfig:
         default_factory=lambda: OptimConfig(epochs=10, lr=2e-3, warmup_epochs=0.5)
     )
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
-    preset: str = "cpu-tiny"
+    preset: str = "cpu-tiny"  # the preset these settings started from (recorded with runs)
+    # share of the target's labelled training cases (a subset in splits.json)
     label_fraction: float = 1.0
     source: str | None = None  # target source; None: the manifest's target_source
     # the encoder only by default: with the pre-trained decoder loaded as well, every pre-trained
-    # start fine-tuned worse on the built-in benchmark (README, Benchmarks: label efficiency)
+    # start fine-tuned worse on the built-in benchmark
     load_decoder: bool = False
     # learning rate of the pre-trained (loaded) parameters as a multiple of optim.lr; 1: every
     # parameter alike. A fresh decoder's first gradients otherwise reshape the pre-trained
@@ -177,9 +178,9 @@ class FinetuneConfig:
     # what all the source's labelled training cases make, the same number of steps at every
     # label fraction
     min_patches_per_epoch: int | str = 64
-    val_every: int = 1
-    sw_batch_size: int = 4
-    sw_overlap: float = 0.25
+    val_every: int = 1  # epochs between validations (the last epoch always validates)
+    sw_batch_size: int = 4  # sliding-window inference: windows per forward pass
+    sw_overlap: float = 0.25  # sliding-window inference: overlap of neighbouring windows
 
     @property
     def pretrained_parts(self) -> tuple[str, ...]:

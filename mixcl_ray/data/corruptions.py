@@ -12,11 +12,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class CorruptionConfig:
-    nonlinear_prob: float = 0.9
-    shuffle_prob: float = 0.5
-    paint_prob: float = 0.9
+    nonlinear_prob: float = 0.9  # probability of a Bezier intensity transform
+    shuffle_prob: float = 0.5  # probability of local pixel shuffling
+    paint_prob: float = 0.9  # probability of in- or out-painting
     inpaint_rate: float = 0.8  # of painting: in-painting, else out-painting
-    shuffle_blocks: int = 64
+    shuffle_blocks: int = 64  # blocks shuffled per patch
     shuffle_block_max: float = 0.1  # block side as a fraction of the patch side
 
     def __post_init__(self):

@@ -32,13 +32,13 @@ class ViewConfig:
     offset each view carries its own label (``label2``) and the label term draws each view's
     voxels from its own."""
 
-    flip_prob: float = 0.0
-    rotate: bool = False
-    scale: tuple[float, float] = (0.85, 1.15)
-    shift: tuple[float, float] = (-0.1, 0.1)
-    gamma: tuple[float, float] = (0.7, 1.5)
-    noise_std: float = 0.03
-    crop_offset: int = 0
+    flip_prob: float = 0.0  # per-axis flip probability of each view
+    rotate: bool = False  # random 90-degree rotations in-plane
+    scale: tuple[float, float] = (0.85, 1.15)  # intensity scale range
+    shift: tuple[float, float] = (-0.1, 0.1)  # intensity shift range
+    gamma: tuple[float, float] = (0.7, 1.5)  # gamma range
+    noise_std: float = 0.03  # Gaussian noise std
+    crop_offset: int = 0  # voxels per axis between the two views' crops (at most); 0: the same crop
 
     def __post_init__(self):
         if not 0 <= self.flip_prob <= 1:
