@@ -61,8 +61,8 @@ def overrides(args, extra: dict | None = None) -> dict:
 def run_command(args, stage: str, extra: dict, describe_run, fit, tags):
     """Load the stage's config (preset, --config, flags), start Ray, and fit inside an MLflow
     run that prints a line per epoch. ``describe_run(config, fingerprint)`` -> (run name,
-    params); ``fit(config, storage, callbacks)`` -> the stage's result; ``tags(result)`` ->
-    the run's closing tags. Returns the result, or None once the error has been printed."""
+    params); ``fit(config, storage, callbacks)`` -> the stage's result; ``tags(run, result)``
+    -> the run's closing tags (``run``: its ``StandaloneRun``). Returns the result, or None once the error has been printed."""
     from data_prep.reader import read_manifest
     from mixcl_ray.config import load_config
     from mixcl_ray.progress import EpochLines
@@ -80,7 +80,7 @@ def run_command(args, stage: str, extra: dict, describe_run, fit, tags):
             EpochLines(stage, config.optim.epochs) as lines,
         ):
             result = fit(config, storage, [lines.callback, *run.callbacks])
-            run.finish(tags(result))
+            run.finish(tags(run, result))
     except (ValueError, OSError) as err:  # OSError: missing files, an object store refused
         print(f"error: {err}", file=sys.stderr)
         return None

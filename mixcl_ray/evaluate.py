@@ -78,7 +78,9 @@ def validate_cases(
     return results
 
 
-def evaluate_model(model, data_dir, split: str = "test", device: str = "cpu") -> list[dict]:
+def evaluate_model(
+    model, data_dir, split: str = "test", device: str = "cpu", tracking_uri=None
+) -> list[dict]:
     """Dice per case and class of a fine-tuned model (see ``mixcl_ray.predict.load_model``) on
     a split of a prepared folder; the last row, ``case_id == "mean"``, holds the NaN-aware
     means."""
@@ -87,7 +89,7 @@ def evaluate_model(model, data_dir, split: str = "test", device: str = "cpu") ->
     from mixcl_ray.feed import class_lookup, target_source
     from mixcl_ray.predict import load_model
 
-    loaded = load_model(model, device)
+    loaded = load_model(model, device, tracking_uri)
     cfg = from_dict(FinetuneConfig, loaded.card["finetune_config"])
     prepared_with = read_manifest(data_dir)["preset"]
     if prepared_with != loaded.card["preset"]:
@@ -135,7 +137,15 @@ def build_parser():
         description="Score a fine-tuned model on a split of a prepared folder: Dice per case "
         "and per class (background excluded, NaN where a class is absent from both) as CSV.",
     )
-    parser.add_argument("--model", required=True, help="fine-tuning output folder or best_model.pt")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="fine-tuning output folder, best_model.pt, or an MLflow model URI",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow store of a model URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)",
+    )
     parser.add_argument(
         "--data", required=True, help="output folder of `python -m data_prep prepare`"
     )
@@ -151,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        rows = evaluate_model(args.model, args.data, args.split, "cuda" if args.gpu else "cpu")
+        device = "cuda" if args.gpu else "cpu"
+        rows = evaluate_model(args.model, args.data, args.split, device, args.tracking_uri)
     except (ValueError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -142,6 +142,7 @@ class FinetuneResult:
     load_summary: str | None
     name: str
     hardware: str | None = None  # what rank 0 trained on (None: a checkpoint from before)
+    card: dict | None = None  # the model card written with the best weights
 
 
 def run_finetuning(
@@ -223,6 +224,7 @@ def run_finetuning(
         summary,
         name,
         extra.get("hardware"),
+        model_card,
     )
 
 
@@ -247,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrained.pt or a pre-training checkpoint folder (a path or object-store URI)",
     )
     parser.add_argument("--source", help="target source (default: the manifest's target)")
+    parser.add_argument(
+        "--register", metavar="NAME", help="register the model in MLflow's model registry"
+    )
     return parser
 
 
@@ -256,6 +261,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     method = "pretrained" if args.pretrained else "scratch"
+    models: dict = {}  # the logged MLflow model's URI
+
+    def close(run, r):  # the run's MLflow model and closing tags
+        models["uri"] = run.log_model(r.best_model, r.card, args.register)
+        return {
+            "best_checkpoint": describe(r.best_model),
+            "pretrained_weights": describe(args.pretrained) if args.pretrained else "",
+            "load_report": r.load_summary or "",
+            "hardware": r.hardware,
+            "model_uri": models["uri"] or "",
+        }
 
     def describe_run(config, fingerprint):
         name = f"{method} {100 * config.label_fraction:g}% seed {config.optim.seed}"
@@ -276,15 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         lambda config, storage, callbacks: run_finetuning(
             args.data, storage, config, args.pretrained, args.name, callbacks
         ),
-        lambda r: {
-            "best_checkpoint": describe(r.best_model),
-            "pretrained_weights": describe(args.pretrained) if args.pretrained else "",
-            "load_report": r.load_summary or "",
-            "hardware": r.hardware,
-        },
+        close,
     )
     if result is None:
         return 2
+    if models.get("uri"):
+        print(f"model URI: {models['uri']}")
     if result.load_summary:
         print(f"pre-trained weights: {result.load_summary}")
     m = result.metrics

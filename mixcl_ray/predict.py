@@ -1,7 +1,8 @@
 """Segment new scans: ``python -m mixcl_ray.predict --model MODEL --input FILE_OR_DIR --out DIR``.
 
-MODEL is a fine-tuning's output folder (its newest ``best_model.pt`` is used) or a
-``best_model.pt`` itself. The file carries a model card: class names, the data preset
+MODEL is a fine-tuning's output folder (its newest ``best_model.pt`` is used), a
+``best_model.pt`` itself, or the MLflow model a fine-tuning logged (``runs:/<run id>/model``,
+``models:/<name>/<version>``). The file carries a model card: class names, the data preset
 (orientation, spacing, intensities) and the fine-tuning config. Each scan is preprocessed
 exactly as the model's training data was, segmented with MONAI sliding-window inference, and
 the class map is taken back to the scan's own grid (orientation, crop and spacing inverted by
@@ -48,15 +49,30 @@ def find_weights(model: str | Path) -> locations.Location:
     )
 
 
-def load_model(model: str | Path, device: str = "cpu") -> LoadedModel:
+def load_model(
+    model: str | Path, device: str = "cpu", tracking_uri: str | None = None
+) -> LoadedModel:
+    """The network and its card from a fine-tuning's folder, its ``best_model.pt`` or an MLflow
+    model URI (looked up in ``tracking_uri``, default: $MLFLOW_TRACKING_URI or runs/mlflow.db)."""
+    import tempfile
+
     import torch
 
     from data_prep.preprocess import Preset
     from mixcl_ray.config import FinetuneConfig, from_dict
+    from mixcl_ray.mlflow_model import is_mlflow_uri, local_weights
     from mixcl_ray.models import SegmentationNet
 
-    path = find_weights(model)
-    state = torch.load(locations.open_for_torch(path), map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory(prefix="mixcl-model-") as tmp:
+        if is_mlflow_uri(str(model)):
+            from mixcl_ray.tracking import default_tracking_uri
+
+            uri = tracking_uri or default_tracking_uri("runs")
+            path = local_weights(str(model), uri, Path(tmp))
+        else:
+            path = find_weights(model)
+        state = torch.load(locations.open_for_torch(path), map_location="cpu", weights_only=True)
+    source = str(model) if is_mlflow_uri(str(model)) else str(path)
     card = state.get("card")
     if card is None:
         raise ValueError(
@@ -70,7 +86,7 @@ def load_model(model: str | Path, device: str = "cpu") -> LoadedModel:
         **{k: tuple(v) if isinstance(v, list) else v for k, v in card["preset"].items()}
     )
     return LoadedModel(
-        net.to(device).eval(), card, preset, tuple(config.patches.patch_size), str(path)
+        net.to(device).eval(), card, preset, tuple(config.patches.patch_size), source
     )
 
 
@@ -137,11 +153,13 @@ def write_segmentation(classes: np.ndarray, source, out: Path) -> Path:
     return out
 
 
-def predict(model, inputs, out_dir, device: str = "cpu", progress: bool = True) -> dict:
+def predict(
+    model, inputs, out_dir, device: str = "cpu", progress: bool = True, tracking_uri=None
+) -> dict:
     """Segment every NIfTI of ``inputs``. Returns {"written": [...], "failed": {file: why}}."""
     from tqdm.auto import tqdm
 
-    loaded = load_model(model, device)
+    loaded = load_model(model, device, tracking_uri)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = {str(i): n for i, n in enumerate(loaded.card["class_names"])}
@@ -166,7 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
         "sliding-window inference, and the class map written in each scan's own geometry.",
     )
     parser.add_argument(
-        "--model", required=True, help=f"fine-tuning output folder or its {BEST_FILE}"
+        "--model",
+        required=True,
+        help=f"fine-tuning output folder, its {BEST_FILE}, or an MLflow model URI "
+        "(runs:/<run id>/model, models:/<name>/<version>)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow store of a model URI (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)",
     )
     parser.add_argument(
         "--input", required=True, type=Path, help="a NIfTI file or a folder of them"
@@ -188,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = "cuda" if args.gpu else "cpu"
     try:
-        result = predict(args.model, args.input, args.out, device, not args.no_progress)
+        result = predict(
+            args.model, args.input, args.out, device, not args.no_progress, args.tracking_uri
+        )
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda config, storage, callbacks: run_pretraining(
             args.data, storage, config, args.name, callbacks=callbacks
         ),
-        lambda r: {"checkpoint": describe(r.checkpoint), "hardware": r.hardware},
+        lambda run, r: {"checkpoint": describe(r.checkpoint), "hardware": r.hardware},
     )
     if result is None:
         return 2

@@ -54,6 +54,7 @@ def collect(
                 "test": m[REPORT_METRIC],
                 "val": m.get("val/best_dice_mean", float("nan")),
                 "run_id": run.info.run_id,
+                "model": run.data.tags.get("model_uri"),  # the trial's MLflow model
                 "commit": run.data.tags.get(tracking.CODE_TAG),  # None before it was tagged
                 "hardware": run.data.tags.get(tracking.HARDWARE_TAG),  # the fine-tuning's
                 # the prepared data's (a benchmark generated on another machine may differ)
@@ -103,6 +104,29 @@ def render_table(summary: dict, split: str = "Test-split") -> str:
     return "\n".join(lines)
 
 
+def best_models(rows: list[dict]) -> str:
+    """Each cell's model with the highest validation Dice (chosen on validation, never on the
+    test split), as the URI ``python -m mixcl_ray.predict --model`` takes."""
+    best: dict = {}
+    for row in rows:
+        key = (row["method"], row["label_fraction"])
+        if row.get("model") and (key not in best or row["val"] > best[key]["val"]):
+            best[key] = row
+    if not best:
+        return ""
+    lines = [
+        "Best model of each cell (highest validation Dice), for `python -m mixcl_ray.predict`:"
+    ]
+    for (method, fraction), row in sorted(
+        best.items(), key=lambda kv: (kv[0][0] != "scratch", kv[0])
+    ):
+        lines.append(
+            f"- {method}, {100 * fraction:g} %: {row['model']} "
+            f"(validation Dice {row['val']:.3f}, seed {row['seed']})"
+        )
+    return "\n".join(lines)
+
+
 def hardware_line(cells: list[dict]) -> str:
     """What the cells were fine-tuned on; a warning when they mix kinds of machine."""
     kinds = sorted({c.get("hardware") or "not recorded" for c in cells})
@@ -141,6 +165,8 @@ def make_report(
         )
     summary = summarise(rows)
     text = render_table(summary) + "\n\n" + hardware_line(rows)
+    if best_models(rows):
+        text += "\n\n" + best_models(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(text + "\n")

@@ -45,6 +45,14 @@ class StandaloneRun:
         print(f"MLflow run {self.run_id} in {tracking.safe_uri(self.uri)} ({self.experiment})")
         return self
 
+    def log_model(self, best_model, card: dict, register: str | None = None) -> str | None:
+        """The fine-tuned model as this run's MLflow model; its URI (None: untracked)."""
+        if self.run_id is None:
+            return None
+        from mixcl_ray.mlflow_model import log_model
+
+        return log_model(self.uri, self.run_id, best_model, card, register)
+
     def finish(self, tags: dict) -> None:
         if self.run_id is not None:
             tracking.set_tags(self.uri, self.run_id, tags)

@@ -67,17 +67,22 @@ def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
     return clean, unquote(parts.username or ""), password
 
 
-def _client(uri: str):
-    """A client for ``uri``. Credentials in the URI move to MLflow's own environment variables
-    (basic auth), so that MLflow never prints or stores them as part of a URL."""
-    from mlflow import MlflowClient
-
+def set_credentials(uri: str) -> str:
+    """``uri`` without its credentials, which move to MLflow's own environment variables (basic
+    auth), so that MLflow never prints or stores them as part of a URL."""
     clean, user, password = split_credentials(uri)
     if user:
         os.environ["MLFLOW_TRACKING_USERNAME"] = user
         if password is not None:
             os.environ["MLFLOW_TRACKING_PASSWORD"] = password
-    return MlflowClient(tracking_uri=clean)
+    return clean
+
+
+def _client(uri: str):
+    """A client for ``uri`` (its credentials set aside, ``set_credentials``)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=set_credentials(uri))
 
 
 def check_reachable(uri: str) -> None:

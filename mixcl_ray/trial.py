@@ -182,10 +182,14 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
             tracking.log_artifact(uri, run_id, tmp / "config.json")
             for png in pngs:
                 tracking.log_artifact(uri, run_id, png, "overlays")
+        from mixcl_ray.mlflow_model import log_model
+
+        model_uri = log_model(uri, run_id, result.best_model, result.card)
         tracking.set_tags(
             uri,
             run_id,
             {
+                "model_uri": model_uri,
                 "best_checkpoint": describe(result.best_model),
                 "load_report": result.load_summary or "",
                 tracking.HARDWARE_TAG: result.hardware,

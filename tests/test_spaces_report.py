@@ -558,3 +558,47 @@ def test_every_dimension_sets_its_stage_field_and_is_a_param():
     assert over["loss"] == {"l_id": 0.0, "l_label": 1.0, "l_rec": 0.5}
     assert stage_overrides("pretrain", {"method": "scratch", "l_rec": 0.5}, {}) is None
     assert stage_overrides("finetune", {}, {})["label_fraction"] == 1.0  # defaults apply
+
+
+def test_the_report_names_each_cells_best_model_chosen_on_validation():
+    from mixcl_ray.report import best_models
+
+    rows = [
+        # seed 1 scores higher on test but lower on validation: the choice never sees the test
+        {
+            "method": "mixcl",
+            "label_fraction": 0.05,
+            "seed": "0",
+            "val": 0.4,
+            "test": 0.2,
+            "model": "runs:/a/model",
+        },
+        {
+            "method": "mixcl",
+            "label_fraction": 0.05,
+            "seed": "1",
+            "val": 0.3,
+            "test": 0.9,
+            "model": "runs:/b/model",
+        },
+        {
+            "method": "scratch",
+            "label_fraction": 0.05,
+            "seed": "0",
+            "val": 0.2,
+            "test": 0.2,
+            "model": "runs:/c/model",
+        },
+        {
+            "method": "scratch",
+            "label_fraction": 1.0,
+            "seed": "0",
+            "val": 0.7,
+            "test": 0.7,
+            "model": None,
+        },  # logged before models were
+    ]
+    text = best_models(rows)
+    assert "- mixcl, 5 %: runs:/a/model (validation Dice 0.400, seed 0)" in text
+    assert "- scratch, 5 %: runs:/c/model" in text and "runs:/b/model" not in text
+    assert "100 %" not in text and best_models(rows[3:]) == ""

@@ -263,6 +263,7 @@ def test_store_sweep_trials_log_epochs_test_scores_artifacts_and_checkpoints(
         assert "config.json" in names and "overlays" in names
         overlays = client.list_artifacts(t.info.run_id, "overlays")
         assert overlays and all(a.path.endswith(".png") for a in overlays)
+        assert t.data.tags["model_uri"] == f"runs:/{t.info.run_id}/model"  # an MLflow model
         best = t.data.tags["best_checkpoint"]
         assert best.startswith(f"{store_sweep['storage']}/finetune/") and locations.is_file(best)
 
@@ -286,6 +287,7 @@ def test_store_sweep_reports_on_the_parent_run_and_in_the_bucket(store_sweep, sw
         assert locations.is_file(f"{storage}/report/{tune_name}/{name}")
     table = locations.read_text(f"{storage}/report/{tune_name}/report.md")
     assert f"fine-tuned on: {hardware(torch.device('cpu'))}" in table
+    assert table.count("/model (validation Dice") == 4  # each cell's best model, by its URI
 
 
 def test_resuming_a_finished_store_sweep_reruns_nothing(store_sweep, sweep_runs):

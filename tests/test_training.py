@@ -180,7 +180,7 @@ def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path
     )
     args = f"--label-fraction 0.5 --epochs 1 --workers 1 --storage {tmp_path}".split()
     args += ["--data", str(prepared_benchmark), "--pretrained", str(pretrained.checkpoint)]
-    args += ["--config", str(slow)]
+    args += ["--config", str(slow), "--register", "spleen-cli"]
     proc = subprocess.run(
         [sys.executable, "-m", "mixcl_ray.finetune", *args],
         capture_output=True,
@@ -218,6 +218,16 @@ def test_finetune_cli_loads_the_encoder(prepared_benchmark, pretrained, tmp_path
     assert run.data.metrics["val/dice_mean"] == pytest.approx(m["val/dice_mean"], abs=1e-4)
     assert run.data.tags["best_checkpoint"] == str(best_file)
     assert run.data.tags["mixcl.stage"] == "finetune"
+    # its MLflow model, registered: the URI it prints is one predict takes
+    assert "model URI: models:/spleen-cli/1\n" in out
+    assert run.data.tags["model_uri"] == "models:/spleen-cli/1"
+    from mixcl_ray.predict import load_model
+
+    loaded = load_model("models:/spleen-cli/1", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert loaded.card["class_names"] == ["background", "spleen"]
+    assert loaded.card["pretrained"].endswith("pretrained.pt")
+    for key, value in best["model"].items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
 
 
 def test_interrupted_finetuning_keeps_its_best_weights_and_ends_as_an_uninterrupted_one(
