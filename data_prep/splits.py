@@ -4,7 +4,9 @@ Per source: a split the dataset file gives (BTCV's training/validation lists) is
 otherwise the labelled cases are shuffled with a seed derived from (seed, source name) and cut
 into test, val and train. Label-fraction subsets are prefixes of one seeded permutation of a
 source's training cases, so 5 % is inside 15 %, which is inside 25 %, 50 % and 100 %; each
-holds at least one case. Unlabelled cases form their own list. Adding a source does not change
+holds at least one case. ``label_subsets`` holds SUBSETS such nested families, each from its own
+permutation, so that a study can repeat a fraction on other labelled cases (subset 0 is
+``label_fractions``). Unlabelled cases form their own list. Adding a source does not change
 another source's splits.
 """
 
@@ -16,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 LABEL_FRACTIONS = (0.05, 0.15, 0.25, 0.5, 1.0)
+SUBSETS = 3  # nested label-fraction families per source
 
 
 def fraction_key(fraction: float) -> str:
@@ -66,18 +69,23 @@ def split_source(
         test = sorted(shuffled[:n_test])
         val = sorted(shuffled[n_test : n_test + n_val])
         train = sorted(shuffled[n_test + n_val :])
-    fraction_order = [train[i] for i in _rng(seed, source, "fractions").permutation(len(train))]
-    label_fractions = {}
-    for fraction in sorted(fractions):
-        k = max(1, round(fraction * len(train))) if train else 0
-        label_fractions[fraction_key(fraction)] = sorted(fraction_order[:k])
+    subsets = []
+    for subset in range(SUBSETS):
+        purpose = "fractions" if subset == 0 else f"fractions-{subset}"
+        order = [train[i] for i in _rng(seed, source, purpose).permutation(len(train))]
+        nested = {}
+        for fraction in sorted(fractions):
+            k = max(1, round(fraction * len(train))) if train else 0
+            nested[fraction_key(fraction)] = sorted(order[:k])
+        subsets.append(nested)
     return {
         "given_split": given,
         "train": sorted(train),
         "val": sorted(val),
         "test": sorted(test),
         "unlabelled": sorted(unlabelled),
-        "label_fractions": label_fractions,
+        "label_fractions": subsets[0],
+        "label_subsets": subsets,
     }
 
 

@@ -16,6 +16,10 @@ def _fraction(value) -> str | None:
     return None if 0 <= value <= 1 else f"{value} is not in [0, 1]"
 
 
+def _whole(value) -> str | None:
+    return None if value >= 0 and value == int(value) else f"{value!r} is not a whole number >= 0"
+
+
 def _whole_voxels(value) -> str | None:
     ok = value >= 0 and value == int(value)
     return None if ok else f"{value!r} is not a whole number of voxels >= 0"
@@ -73,6 +77,14 @@ DIMENSIONS: dict[str, Dimension] = {
             "share of the target's labelled training cases fine-tuned on",
             check=_fraction,
             default=1.0,
+        ),
+        Dimension(
+            "label_subset",
+            "finetune",
+            "label_subset",
+            int,
+            "which seeded nested subset of labelled cases the fraction is drawn from",
+            check=_whole,
         ),
         Dimension("seed", "both", "optim.seed", int, "seed of both stages", default=0),
         Dimension("lr", "finetune", "optim.lr", float, "fine-tuning learning rate"),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from data_prep import locations
 from data_prep.reader import UNLABELLED, read_cases, read_manifest, read_splits
 from data_prep.splits import fraction_key
 from mixcl_ray.data.pairs import loss_example
@@ -265,12 +266,20 @@ def _segmentation_examples(batch: dict, p: PatchConfig, seed: int, repeats: int,
         yield {"image": images[:, None], "label": labels[:, None]}
 
 
-def finetune_case_ids(data_dir, label_fraction: float, source: str | None = None) -> list[str]:
-    """The training cases of a label fraction, exactly as splits.json lists them."""
+def finetune_case_ids(
+    data_dir, label_fraction: float, source: str | None = None, subset: int = 0
+) -> list[str]:
+    """The training cases of a label fraction in nested subset ``subset``, exactly as
+    splits.json lists them (subset 0: ``label_fractions``)."""
     source = target_source(data_dir, source)
-    ids = read_splits(data_dir)["sources"][source]["label_fractions"].get(
-        fraction_key(label_fraction)
-    )
+    splits = read_splits(data_dir)["sources"][source]
+    subsets = splits.get("label_subsets") or [splits["label_fractions"]]
+    if not 0 <= subset < len(subsets):
+        raise ValueError(
+            f"label subset {subset} is not in {locations.describe(data_dir)}'s splits.json "
+            f"(it has {len(subsets)}); prepare the data again with this version for more"
+        )
+    ids = subsets[subset].get(fraction_key(label_fraction))
     if ids is None:
         raise ValueError(
             f"label fraction {label_fraction} is not in splits.json; prepare with --label-fractions"
@@ -284,7 +293,7 @@ def finetune_epoch_size(data_dir, cfg) -> tuple[int, int]:
     ``min_patches_per_epoch`` patches. "full": up to what fine-tuning on every labelled training
     case of the source takes, so that every label fraction gets the same number of steps."""
     source = target_source(data_dir, cfg.source)
-    per_epoch = len(finetune_case_ids(data_dir, cfg.label_fraction, source))
+    per_epoch = len(finetune_case_ids(data_dir, cfg.label_fraction, source, cfg.label_subset))
     per_epoch *= cfg.patches.patches_per_case
     floor = cfg.min_patches_per_epoch
     if floor == "full":
@@ -298,7 +307,7 @@ def finetune_cases(data_dir, cfg: FinetuneConfig):
     """Ray Dataset of the label-fraction cases, labels in the target's class indices."""
     source = target_source(data_dir, cfg.source)
     lut, _ = class_lookup(data_dir, source)
-    ids = finetune_case_ids(data_dir, cfg.label_fraction, source)
+    ids = finetune_case_ids(data_dir, cfg.label_fraction, source, cfg.label_subset)
     return _decoded_cases(data_dir, ids, cfg.patches.cpus_per_data_task).map(
         partial(_finetune_case, lut=lut), num_cpus=cfg.patches.cpus_per_data_task
     )
@@ -306,7 +315,7 @@ def finetune_cases(data_dir, cfg: FinetuneConfig):
 
 def build_finetune_dataset(data_dir, cfg: FinetuneConfig, epoch_offset: int = 0):
     """The Ray Dataset of (image, label) patches of the label-fraction subset, one epoch."""
-    ids = finetune_case_ids(data_dir, cfg.label_fraction, cfg.source)
+    ids = finetune_case_ids(data_dir, cfg.label_fraction, cfg.source, cfg.label_subset)
     _, repeats = finetune_epoch_size(data_dir, cfg)
     with block_order(cfg.patches.deterministic):
         ds = finetune_cases(data_dir, cfg)

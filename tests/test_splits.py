@@ -35,6 +35,25 @@ def test_label_fractions_are_nested_inside_train_with_at_least_one_case():
     assert len(splits["sources"]["a"]["label_fractions"]["0.5"]) == 12
 
 
+def test_label_subsets_are_nested_families_on_other_cases():
+    """A study repeats a fraction on K seeded subsets: each is nested like label_fractions
+    (subset 0 is label_fractions itself), and they draw other cases."""
+    from data_prep.splits import SUBSETS
+
+    splits = make_splits(_cases(40), seed=1)
+    source = splits["sources"]["a"]
+    subsets = source["label_subsets"]
+    assert len(subsets) == SUBSETS >= 3 and subsets[0] == source["label_fractions"]
+    for nested in subsets:
+        previous = set()
+        for key in ("0.05", "0.15", "0.25", "0.5", "1"):
+            assert previous <= set(nested[key]) <= set(source["train"])
+            previous = set(nested[key])
+        assert nested["1"] == source["train"]
+    assert len({tuple(n["0.15"]) for n in subsets}) == SUBSETS  # other labelled cases
+    assert make_splits(_cases(40), seed=1)["sources"]["a"]["label_subsets"] == subsets
+
+
 def test_given_split_is_honoured():
     cases = [(f"btcv/img{i:02d}", "btcv", True, "train" if i < 24 else "val") for i in range(30)]
     splits = make_splits(cases, seed=0)
@@ -62,3 +81,25 @@ def test_adding_a_source_does_not_change_another_sources_split():
 def test_bad_split_options_raise(kwargs):
     with pytest.raises(ValueError):
         make_splits(_cases(10), **kwargs)
+
+
+def test_fine_tuning_reads_the_subset_it_is_given(tmp_path):
+    import json
+
+    from data_prep import SCHEMA_VERSION
+    from mixcl_ray.feed import finetune_case_ids
+
+    splits = make_splits(_cases(40), seed=1)
+    manifest = {"schema_version": SCHEMA_VERSION, "sources": {"a": {}}, "target_source": "a"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    subsets = splits["sources"]["a"]["label_subsets"]
+    for k in range(len(subsets)):
+        assert finetune_case_ids(tmp_path, 0.15, subset=k) == subsets[k]["0.15"]
+    with pytest.raises(ValueError, match="label subset 3 is not in .*it has 3"):
+        finetune_case_ids(tmp_path, 0.15, subset=3)
+    del splits["sources"]["a"]["label_subsets"]  # prepared by an earlier version
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    assert finetune_case_ids(tmp_path, 0.15) == subsets[0]["0.15"]
+    with pytest.raises(ValueError, match="prepare the data again"):
+        finetune_case_ids(tmp_path, 0.15, subset=1)

@@ -161,6 +161,8 @@ class FinetuneConfig:
     preset: str = "cpu-tiny"  # the preset these settings started from (recorded with runs)
     # share of the target's labelled training cases (a subset in splits.json)
     label_fraction: float = 1.0
+    # which of splits.json's seeded nested label subsets the fraction is drawn from
+    label_subset: int = 0
     source: str | None = None  # target source; None: the manifest's target_source
     # the encoder only by default: with the pre-trained decoder loaded as well, every pre-trained
     # start fine-tuned worse on the built-in benchmark
@@ -196,6 +198,10 @@ class FinetuneConfig:
         _check(
             0 < self.label_fraction <= 1,
             f"label_fraction must be in (0, 1], got {self.label_fraction}",
+        )
+        _check(
+            isinstance(self.label_subset, int) and self.label_subset >= 0,
+            f"label_subset must be a whole number >= 0, got {self.label_subset!r}",
         )
         _check(
             self.val_every > 0 and 0 <= self.sw_overlap < 1,
