@@ -3,13 +3,16 @@ and the trials' validation curves, read from MLflow (the trial runs of a sweep),
 and logged to the sweep's run.
 
 The figures are test-split Dice (``test/dice_mean``), which no choice in the sweep has seen;
-mean ± std over seeds, and the gain over scratch at the same label fraction. A gain smaller
-than the spread is marked as no difference.
+mean ± std over seeds, and each method's paired difference to scratch at the same label
+fraction (same labelled subset and seed) with a 95 % bootstrap interval over the pairs and then
+the test cases (``mixcl_ray.paired``); an interval that spans 0 is no detectable difference.
+Cells from several code versions or kinds of machine are refused unless ``--allow-mixed``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -51,6 +54,7 @@ def collect(
                 "method": p["method"],
                 "label_fraction": float(p["label_fraction"]),
                 "seed": p.get("seed"),
+                "label_subset": p.get("label_subset", "0"),  # the labelled cases of a pair
                 "test": m[REPORT_METRIC],
                 "val": m.get("val/best_dice_mean", float("nan")),
                 "run_id": run.info.run_id,
@@ -64,6 +68,29 @@ def collect(
             }
         )
     return rows, parent_id
+
+
+def with_per_case(uri: str, rows: list[dict]) -> list[dict]:
+    """``rows`` with each trial's test Dice per case (``per_case``: {case: mean Dice}), where
+    it logged them."""
+    out = []
+    for row in rows:
+        table = tracking.read_table(uri, row["run_id"], tracking.PER_CASE_FILE)
+        cases = dict(zip(table["case_id"], table["dice_mean"], strict=True)) if table else None
+        out.append(dict(row, per_case=cases))
+    return out
+
+
+def check_one_kind(rows: list[dict]) -> None:
+    """Refuse cells from several code versions or kinds of machine: one seed gives the same
+    weights on one kind of machine and one code version only, so such cells do not pair."""
+    for key, what in (("commit", "code versions"), ("hardware", "kinds of machine")):
+        kinds = sorted({str(r.get(key)) for r in rows if r.get(key)})
+        if len(kinds) > 1:
+            raise ValueError(
+                f"the cells come from {len(kinds)} {what} ({'; '.join(kinds)}): rerun them on "
+                "one, or pass --allow-mixed to report them anyway"
+            )
 
 
 def summarise(rows: list[dict], key: str = "test") -> dict:
@@ -154,8 +181,14 @@ def with_curves(uri: str, rows: list[dict]) -> list[dict]:
 
 
 def make_report(
-    uri: str, experiment: str, out_dir: str | Path, parent_id: str | None = None
+    uri: str,
+    experiment: str,
+    out_dir: str | Path,
+    parent_id: str | None = None,
+    allow_mixed: bool = False,
 ) -> tuple[str, Path]:
+    """The report's text and plot; also ``paired.json``, the paired comparison as data."""
+    from mixcl_ray import paired
     from mixcl_ray.plots import label_efficiency_png, validation_curves_png
 
     rows, parent_id = collect(uri, experiment, parent_id)
@@ -163,18 +196,23 @@ def make_report(
         raise ValueError(
             f"no finished trial with {REPORT_METRIC} in the latest sweep of {experiment!r}"
         )
+    if not allow_mixed:
+        check_one_kind(rows)
     summary = summarise(rows)
-    text = render_table(summary) + "\n\n" + hardware_line(rows)
+    comparison = paired.summary(with_per_case(uri, rows))
+    text = render_table(summary) + "\n\n" + paired.render(comparison)
+    text += "\n\n" + hardware_line(rows)
     if best_models(rows):
         text += "\n\n" + best_models(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(text + "\n")
+    (out_dir / "paired.json").write_text(json.dumps({"summary": comparison}, indent=1) + "\n")
     plot = out_dir / "label_efficiency.png"
     label_efficiency_png(summary, plot, "test Dice (mean over organs)")
     curves = out_dir / "validation_curves.png"
     validation_curves_png(with_curves(uri, rows), curves)
-    for path in (out_dir / "report.md", plot, curves):
+    for path in (out_dir / "report.md", out_dir / "paired.json", plot, curves):
         tracking.log_artifact(uri, parent_id, path, "report")
     return text, plot
 
@@ -200,7 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         type=Path,
-        help="folder for report.md, label_efficiency.png and validation_curves.png",
+        help="folder for report.md, paired.json, label_efficiency.png and validation_curves.png",
+    )
+    parser.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="json: the paired comparison to scratch as data",
+    )
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="report cells from several code versions or kinds of machine (refused by default)",
     )
     return parser
 
@@ -209,12 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     uri = args.tracking_uri or tracking.default_tracking_uri(args.runs)
     try:
-        text, plot = make_report(
-            uri, args.experiment, args.out or args.runs / "report" / args.experiment
-        )
+        out = args.out or args.runs / "report" / args.experiment
+        text, plot = make_report(uri, args.experiment, out, allow_mixed=args.allow_mixed)
     except (ValueError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.format == "json":
+        print((Path(out) / "paired.json").read_text(), end="")
+        return 0
     print(text)
     print(f"\nplot: {plot}\nvalidation curves: {plot.with_name('validation_curves.png')}")
     return 0

@@ -13,8 +13,9 @@ from data_prep.locations import open_for_torch
 def test_scores(
     data_dir, ft_cfg, best_model, out_dir: Path, overlays: int = 3
 ) -> tuple[dict, list[Path]]:
-    """Test-split Dice of the best weights (``test/dice_mean``, ``test/dice/<organ>``) and a few
-    overlay PNGs (image / ground truth / prediction)."""
+    """Test-split Dice of the best weights (``test/dice_mean``, ``test/dice/<organ>``, and
+    ``per_case``: a table of each case's Dice) and a few overlay PNGs (image / ground truth /
+    prediction)."""
     import torch
 
     from data_prep.reader import load_case, read_splits
@@ -60,5 +61,13 @@ def test_scores(
         "test/dice_mean": nan_mean(per_class),
         "test/cases": len(cases),
         **{f"test/dice/{n}": d for n, d in zip(names[1:], per_class, strict=True)},
+    }
+    metrics["per_case"] = {  # the table of test Dice per case, logged beside the means
+        "case_id": sorted(per_case),
+        "dice_mean": [nan_mean(list(per_case[k])) for k in sorted(per_case)],
+        **{
+            f"dice/{n}": [float(per_case[k][c]) for k in sorted(per_case)]
+            for c, n in enumerate(names[1:])
+        },
     }
     return metrics, pngs

@@ -22,6 +22,7 @@ CODE_TAG = "mixcl.code_version"  # the commit a sweep's driver ran, on its runs
 # what a stage's rank 0 computed on (GPU, or CPU model and vector instructions; torch build):
 # one seed gives the same result on one kind of machine only
 HARDWARE_TAG = "mixcl.hardware"
+PER_CASE_FILE = "test_dice_per_case.json"  # a trial's test Dice per case (an MLflow table)
 SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "access_key", "credential")
 
 
@@ -216,6 +217,24 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
     ]
     if batch:
         _client(uri).log_batch(run_id, metrics=batch)
+
+
+def log_table(uri: str, run_id: str, table: dict, artifact_file: str) -> None:
+    _client(uri).log_table(run_id, table, artifact_file)
+
+
+def read_table(uri: str, run_id: str, artifact_file: str) -> dict | None:
+    """A table ``log_table`` wrote ({column: values}); None when the run has none."""
+    import json
+    import tempfile
+
+    client = _client(uri)
+    if artifact_file not in {a.path for a in client.list_artifacts(run_id)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(client.download_artifacts(run_id, artifact_file, tmp)) as handle:
+            data = json.load(handle)
+    return {c: [row[i] for row in data["data"]] for i, c in enumerate(data["columns"])}
 
 
 def log_artifact(uri: str, run_id: str, path: str | os.PathLike, folder: str | None = None) -> None:

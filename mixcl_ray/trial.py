@@ -168,6 +168,7 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             metrics, pngs = test_scores(ctx.data, ft_cfg, result.best_model, tmp)
+            tracking.log_table(uri, run_id, metrics.pop("per_case"), tracking.PER_CASE_FILE)
             tracking.log_metrics(uri, run_id, metrics, step=ft_cfg.optim.epochs)
             (tmp / "config.json").write_text(
                 json.dumps(

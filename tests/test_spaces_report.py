@@ -204,6 +204,9 @@ def test_report_on_known_runs(known_store, tmp_path):
     assert "| scratch | 0.350 ± 0.050 (n=2) | 0.800 (n=1) |" in text
     assert "| mixcl | 0.550 ± 0.050 (n=2) [+0.200] | 0.810 (n=1) [+0.010] |" in text
     assert text.endswith("\nfine-tuned on: not recorded")  # runs from before the tag
+    # paired with scratch by seed: +0.2 on both seeds at 5 %, one pair at 100 %
+    assert "| mixcl | 5 % | 2 | +0.200 | [+0.200, +0.200] | better than scratch |" in text
+    assert "| mixcl | 100 % | 1 | +0.010 | | one pair: no interval |" in text
     assert plot.exists() and plot.stat().st_size > 1000
     assert (tmp_path / "report/report.md").read_text().strip() == text.strip()
     from mlflow import MlflowClient
@@ -211,6 +214,7 @@ def test_report_on_known_runs(known_store, tmp_path):
     logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
     assert logged == {
         "report/report.md",
+        "report/paired.json",
         "report/label_efficiency.png",
         "report/validation_curves.png",
     }

@@ -274,6 +274,7 @@ def test_store_sweep_reports_on_the_parent_run_and_in_the_bucket(store_sweep, sw
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert artifacts == {
         "report/report.md",
+        "report/paired.json",
         "report/label_efficiency.png",
         "report/validation_curves.png",
     }

@@ -340,6 +340,9 @@ def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_
     )
     assert metrics["test/cases"] >= 1 and 0 <= metrics["test/dice_mean"] <= 1
     assert len(pngs) == 1 and pngs[0].stat().st_size > 1000
+    table = metrics["per_case"]  # each test case's Dice, whose organ mean is test/dice_mean
+    assert len(table["case_id"]) == metrics["test/cases"] == len(table["dice/spleen"])
+    assert np.nanmean(table["dice/spleen"]) == pytest.approx(metrics["test/dice/spleen"])
     assert max(dice) == pytest.approx(result.metrics["val/best_dice_mean"])
 
 

@@ -1,0 +1,129 @@
+"""Paired comparisons of a study's cells: each method against scratch at the same label fraction,
+trial by trial on the same labelled subset and seed, with a 95 % confidence interval from a
+hierarchical bootstrap (the pairs, then the test cases of each pair).
+
+A difference whose interval spans 0 is no detectable difference."""
+
+from __future__ import annotations
+
+import numpy as np
+
+BOOTSTRAP = 2000
+PAIR_KEY = ("label_subset", "seed")
+
+
+def _pair_key(row: dict) -> tuple:
+    return tuple(str(row.get(k) if row.get(k) is not None else "0") for k in PAIR_KEY)
+
+
+def pairs(rows: list[dict], method: str, fraction: float) -> list[dict]:
+    """The (method, scratch) trials of one fraction on the same subset and seed: each pair's
+    mean difference and, where both logged test Dice per case, the per-case differences."""
+
+    def cell(name):
+        return {
+            _pair_key(r): r for r in rows if r["method"] == name and r["label_fraction"] == fraction
+        }
+
+    mine, scratch = cell(method), cell("scratch")
+    out = []
+    for key in sorted(set(mine) & set(scratch)):
+        a, b = mine[key], scratch[key]
+        cases = sorted(set(a.get("per_case") or {}) & set(b.get("per_case") or {}))
+        per_case = np.array([a["per_case"][c] - b["per_case"][c] for c in cases], float)
+        per_case = per_case[np.isfinite(per_case)]
+        out.append(
+            {
+                "key": key,
+                "diff": float(per_case.mean()) if len(per_case) else a["test"] - b["test"],
+                "per_case": per_case,
+            }
+        )
+    return out
+
+
+def bootstrap_ci(found: list[dict], rounds: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the mean paired difference: resample the pairs, then each resampled
+    pair's test cases (a pair without per-case values contributes its mean)."""
+    rng = np.random.default_rng(seed)
+    means = np.empty(rounds)
+    for r in range(rounds):
+        picked = rng.integers(0, len(found), len(found))
+        values = []
+        for i in picked:
+            cases = found[i]["per_case"]
+            values.append(
+                cases[rng.integers(0, len(cases), len(cases))].mean()
+                if len(cases)
+                else found[i]["diff"]
+            )
+        means[r] = np.mean(values)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """One entry per (method, fraction): scratch's own mean, every other method's paired mean
+    difference to scratch with its 95 % interval and number of pairs."""
+    out = []
+    fractions = sorted({r["label_fraction"] for r in rows})
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "scratch", m))
+    for fraction in fractions:
+        for method in methods:
+            cell = [
+                r["test"] for r in rows if r["method"] == method and r["label_fraction"] == fraction
+            ]
+            if not cell:
+                continue
+            if method == "scratch":
+                out.append(
+                    {
+                        "method": method,
+                        "label_fraction": fraction,
+                        "n": len(cell),
+                        "mean": float(np.mean(cell)),
+                    }
+                )
+                continue
+            found = pairs(rows, method, fraction)
+            entry = {"method": method, "label_fraction": fraction, "n_pairs": len(found)}
+            if found:
+                entry["mean_diff"] = float(np.mean([p["diff"] for p in found]))
+                # one pair without per-case values has no spread to resample
+                if len(found) > 1 or len(found[0]["per_case"]) > 1:
+                    entry["ci95"] = list(bootstrap_ci(found))
+            out.append(entry)
+    return out
+
+
+def render(entries: list[dict]) -> str:
+    lines = [
+        "Paired difference to scratch (test Dice, same labelled subset and seed; 95 % "
+        "bootstrap interval over pairs, then cases):",
+        "",
+        "| method | label fraction | pairs | difference | 95 % interval | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        fraction = f"{100 * e['label_fraction']:g} %"
+        if e["method"] == "scratch":
+            lines.append(f"| scratch | {fraction} | {e['n']} runs | mean {e['mean']:.3f} | | |")
+        elif not e["n_pairs"]:
+            lines.append(f"| {e['method']} | {fraction} | 0 | | | no pair with scratch |")
+        elif "ci95" not in e:
+            lines.append(
+                f"| {e['method']} | {fraction} | 1 | {e['mean_diff']:+.3f} | | one pair: no "
+                "interval |"
+            )
+        else:
+            lo, hi = e["ci95"]
+            verdict = (
+                "no detectable difference"
+                if lo <= 0 <= hi
+                else ("better than scratch" if lo > 0 else "worse than scratch")
+            )
+            lines.append(
+                f"| {e['method']} | {fraction} | {e['n_pairs']} | {e['mean_diff']:+.3f} | "
+                f"[{lo:+.3f}, {hi:+.3f}] | {verdict} |"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Paired comparisons with scratch: pairs by (labelled subset, seed), per-case differences,
+a hierarchical bootstrap interval, the verdict, the report's JSON and its refusal to mix."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mixcl_ray import paired, tracking
+
+
+def _row(method, fraction, seed, subset, cases, **extra):
+    return {
+        "method": method,
+        "label_fraction": fraction,
+        "seed": str(seed),
+        "label_subset": str(subset),
+        "test": float(np.mean(list(cases.values()))),
+        "per_case": cases,
+        **extra,
+    }
+
+
+def _study(gain, noise, pairs=6, cases=30, seed=0):
+    """scratch and mixcl on the same cases and pairs; mixcl = scratch + gain + case noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(pairs):
+        base = {f"c{i}": float(v) for i, v in enumerate(rng.uniform(0.3, 0.7, cases))}
+        rows.append(_row("scratch", 0.05, k % 2, k // 2, base))
+        better = {c: v + gain + float(rng.normal(0, noise)) for c, v in base.items()}
+        rows.append(_row("mixcl", 0.05, k % 2, k // 2, better))
+    return rows
+
+
+def test_a_clear_gain_has_an_interval_above_zero_and_noise_spans_it():
+    (scratch, clear) = paired.summary(_study(gain=0.05, noise=0.05))
+    assert scratch["method"] == "scratch" and scratch["n"] == 6
+    assert clear["n_pairs"] == 6 and clear["mean_diff"] == pytest.approx(0.05, abs=0.01)
+    lo, hi = clear["ci95"]
+    assert 0 < lo < clear["mean_diff"] < hi
+    assert "better than scratch" in paired.render([scratch, clear])
+    (_, noise) = paired.summary(_study(gain=0.0, noise=0.2))
+    assert noise["ci95"][0] < 0 < noise["ci95"][1]
+    assert "no detectable difference" in paired.render([noise])
+
+
+def test_trials_pair_on_subset_and_seed_and_per_case_on_common_cases():
+    rows = [
+        _row("scratch", 0.05, 0, 0, {"a": 0.2, "b": 0.4}),
+        _row("mixcl", 0.05, 0, 0, {"a": 0.5, "b": 0.4, "c": 0.9}),  # c: scratch lacks it
+        _row("mixcl", 0.05, 1, 0, {"a": 0.9, "b": 0.9}),  # seed 1: no scratch to pair with
+        _row("label", 0.05, 0, 1, {"a": 0.9}),  # subset 1: no scratch either
+    ]
+    (found,) = paired.pairs(rows, "mixcl", 0.05)
+    assert found["key"] == ("0", "0") and list(found["per_case"]) == pytest.approx([0.3, 0.0])
+    assert found["diff"] == pytest.approx(0.15)
+    assert paired.pairs(rows, "label", 0.05) == []
+    entries = {e["method"]: e for e in paired.summary(rows)}
+    assert entries["mixcl"]["n_pairs"] == 1 and "ci95" in entries["mixcl"]  # two cases
+    assert entries["label"]["n_pairs"] == 0
+    assert "no pair with scratch" in paired.render([entries["label"]])
+
+
+def test_the_bootstrap_is_seeded_and_resamples_pairs_then_cases():
+    found = paired.pairs(_study(gain=0.02, noise=0.1, pairs=3), "mixcl", 0.05)
+    assert paired.bootstrap_ci(found) == paired.bootstrap_ci(found)
+    lo, hi = paired.bootstrap_ci(found, rounds=500)
+    assert lo < np.mean([p["diff"] for p in found]) < hi
+
+
+@pytest.fixture()
+def paired_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "paired", tmp_path / "artifacts")
+    parent = tracking.start_run(uri, exp, "sweep", {"mixcl.stage": "sweep"}, {})
+    for row in _study(gain=0.1, noise=0.02, pairs=3, cases=8):
+        params = {k: row[k] for k in ("method", "label_fraction", "seed", "label_subset")}
+        run = tracking.start_run(
+            uri,
+            exp,
+            row["method"],
+            {"mixcl.stage": "trial", tracking.CODE_TAG: "abc"},
+            params,
+            parent_id=parent,
+        )
+        tracking.log_metrics(
+            uri, run, {"test/dice_mean": row["test"], "val/best_dice_mean": 0.5}, 0
+        )
+        cases = sorted(row["per_case"])
+        table = {"case_id": cases, "dice_mean": [row["per_case"][c] for c in cases]}
+        tracking.log_table(uri, run, table, tracking.PER_CASE_FILE)
+        tracking.end_run(uri, run)
+    return uri, exp, parent
+
+
+def test_report_json_gives_the_paired_summary_and_mixed_code_is_refused(
+    paired_store, tmp_path, capsys
+):
+    from mixcl_ray.report import main
+
+    uri, exp, parent = paired_store
+    args = ["--tracking-uri", uri, "--experiment", "paired", "--out", str(tmp_path / "r")]
+    assert main([*args, "--format", "json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    (mixcl,) = [e for e in summary if e["method"] == "mixcl"]
+    assert mixcl["n_pairs"] == 3 and mixcl["mean_diff"] == pytest.approx(0.1, abs=0.02)
+    assert 0 < mixcl["ci95"][0] < mixcl["ci95"][1]
+    other = tracking.start_run(
+        uri,
+        exp,
+        "scratch",
+        {"mixcl.stage": "trial", tracking.CODE_TAG: "def"},
+        {"method": "scratch", "label_fraction": 0.05, "seed": 9},
+        parent_id=parent,
+    )
+    tracking.log_metrics(uri, other, {"test/dice_mean": 0.4}, 0)
+    tracking.end_run(uri, other)
+    assert main(args) == 2
+    assert "2 code versions (abc; def)" in capsys.readouterr().err
+    assert main([*args, "--allow-mixed"]) == 0
