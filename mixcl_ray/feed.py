@@ -53,10 +53,22 @@ RAY_RUNTIME_ENV = {"worker_process_setup_hook": "mixcl_ray.feed.refresh_limits_o
 
 
 def epoch_index() -> int:
-    """How many times this dataset has been executed before (the epoch, within one ``fit``)."""
+    """How many times this dataset has been executed before (the epoch, within one ``fit``).
+
+    Ray Data has no public API for it; its private ``_execution_idx`` is read, and a Ray that
+    lacks it is an error, never a silent 0 (every epoch would draw the same patches).
+    ``tests/test_ray_compat.py`` fails on such a Ray."""
     from ray.data.context import DataContext
 
-    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
+    context = DataContext.get_current()
+    if not hasattr(context, "_execution_idx"):
+        import ray
+
+        raise RuntimeError(
+            f"ray {ray.__version__}'s DataContext has no _execution_idx: the feed cannot tell "
+            "its epochs apart; use the ray version pyproject.toml pins"
+        )
+    return int(context._execution_idx)
 
 
 def case_rng(seed: int, case_id: str, epoch: int) -> np.random.Generator:
