@@ -33,6 +33,7 @@ from data_prep.layouts import (
     expand_dataset_args,
     read_dataset,
 )
+from data_prep.output import check_out, swap_in, upload
 from data_prep.preprocess import (
     Preset,
     TransformError,
@@ -45,7 +46,7 @@ from data_prep.preprocess import (
 from data_prep.reader import MANIFEST, SPLITS
 from data_prep.splits import LABEL_FRACTIONS, make_splits
 from data_prep.validate import read_case
-from data_prep.writer import SHARD_DIR, ShardWriter, case_row
+from data_prep.writer import ShardWriter, case_row
 
 
 @dataclass(frozen=True)
@@ -205,56 +206,6 @@ def _source_summary(ds: SourceDataset, infos: dict[str, dict], class_map: dict[s
     }
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace OUT by tmp with two renames; the old OUT is removed only after the swap."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _upload(tmp: Path, out: str, shards: list[str]) -> None:
-    """Put a finished local output under an object-store prefix. The old manifest goes first
-    (readers then see "not prepared", never a mix), the new one last; old shards that the new
-    output does not name are removed at the end."""
-    import pyarrow.fs as pafs
-
-    fs, path = locations.resolve(out)
-    old = [f"{SHARD_DIR}/{n}" for n in locations.list_names(locations.join(out, SHARD_DIR))]
-    if MANIFEST in locations.list_names(out):
-        fs.delete_file(f"{path}/{MANIFEST}")
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(tmp / SHARD_DIR), f"{path}/{SHARD_DIR}", pafs.LocalFileSystem(), fs)
-    locations.write_bytes(locations.join(out, SPLITS), (tmp / SPLITS).read_bytes())
-    locations.write_bytes(locations.join(out, MANIFEST), (tmp / MANIFEST).read_bytes())
-    for name in old:
-        if name not in shards:
-            fs.delete_file(f"{path}/{name}")
-
-
-def _check_out(out) -> None:
-    if locations.is_remote(out):
-        names = locations.list_names(out)
-        if names and MANIFEST not in names and locations.exists(out):
-            raise DataPrepError(
-                "output prefix holds other objects and no manifest.json; refusing to write "
-                "into it: choose another --out",
-                path=locations.describe(out),
-            )
-        return
-    if out.exists() and (
-        not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())
-    ):
-        raise DataPrepError(
-            "output exists and is not a data_prep output (no manifest.json); refusing to "
-            "replace it: choose another --out or remove it",
-            path=str(out),
-        )
-
-
 def _run_tasks(jobs, total: int, max_in_flight: int, progress: bool):
     """Yield results of (function args) jobs as they finish, a bounded number in flight."""
     pending: list = []
@@ -311,7 +262,7 @@ def prepare(
         raise DataPrepError(f"target source '{target}' is not among {[s.name for s in sources]}")
     class_map = build_class_map(sources)
     fingerprint = input_fingerprint(sources, options, preset)
-    _check_out(out)
+    check_out(out)
     if locations.exists(locations.join(out, MANIFEST)) and locations.exists(
         locations.join(out, SPLITS)
     ):
@@ -391,9 +342,9 @@ def prepare(
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             (tmp / SPLITS).write_text(json.dumps(splits, indent=1))
             if remote:
-                _upload(tmp, out, writer.shards)
+                upload(tmp, out, writer.shards)
             else:
-                _swap_in(tmp, out)
+                swap_in(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
