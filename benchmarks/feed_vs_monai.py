@@ -11,14 +11,16 @@ RandGaussianNoised, RandHistogramShiftd, RandCoarseShuffled, RandCoarseDropoutd;
 of the target), and with our augmentation functions (the same work as ours, so the ratio is
 the feed's machinery alone).
 
-    python benchmarks/feed_vs_monai.py [--data DIR] [--sizes 32 96] [--epochs 3] [--workers 2]
-                                       [--unordered]
+    python benchmarks/feed_vs_monai.py [--data DIR] [--sizes 32 96] [--epochs 6] [--workers 2]
+                                       [--unordered] [--check RATIO]
 
 The prepared folder defaults to the built-in benchmark (prepared on first use). The first epoch
 of each pipeline includes its one-off cost (reading and decoding for ours, CacheDataset's
 caching for MONAI) and is reported separately; throughput is over the later epochs.
 ``--unordered`` adds our feed with ``patches.deterministic`` off (blocks in the order their
-tasks finish, as Ray Data does by default): what the deterministic feed costs.
+tasks finish, as Ray Data does by default): what the deterministic feed costs. Beside the
+figures: the settings that decide ours (cached or streamed, blocks, object store, idle worker
+processes kept). ``--check RATIO`` exits 1 when ours is below RATIO x MONAI's standard pipeline.
 """
 
 from __future__ import annotations
@@ -113,11 +115,12 @@ def run_ray(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: i
     if "FEED_TASK_CPUS" in os.environ:  # else the default (0.5: two tasks share a CPU)
         config["patches"]["cpus_per_data_task"] = float(os.environ["FEED_TASK_CPUS"])
     config["patches"]["deterministic"] = os.environ.get("FEED_UNORDERED") != "1"
+    cfg = from_dict(PretrainConfig, config)
     times, counts = [], []
     with TreeMemory() as memory:
         start = time.perf_counter()
         # reads, decodes, materialises the cases
-        ds = build_pretrain_dataset(data, from_dict(PretrainConfig, config))
+        ds = build_pretrain_dataset(data, cfg)
         for _ in range(epochs):
             n = 0
             for b in ds.iter_batches(batch_size=batch, batch_format="numpy", drop_last=False):
@@ -125,8 +128,38 @@ def run_ray(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: i
             times.append(time.perf_counter() - start)
             counts.append(n)
             start = time.perf_counter()
+    settings = feed_settings(data, cfg)
     ray.shutdown()
-    return {"epoch_seconds": times, "patches": counts, "peak_pss": memory.peak}
+    return {
+        "epoch_seconds": times,
+        "patches": counts,
+        "peak_pss": memory.peak,
+        "settings": settings,
+    }
+
+
+def feed_settings(data: Path, cfg) -> dict:
+    """What decides our feed's speed in this run: whether the decoded cases stay cached or are
+    read again every epoch (and why), the blocks (sampling tasks an epoch), the CPUs a task
+    asks, the object store, how long idle task processes live, the block order."""
+    import ray
+
+    from mixcl_ray.feed import decoded_bytes, pretraining_cases, should_cache, spread_blocks
+    from mixcl_ray.ray_start import IDLE_WORKER_ENV
+
+    ids, _ = pretraining_cases(data, cfg.pretrain_label_fraction, cfg.target_images)
+    cached = should_cache(data, ids, cfg.patches.cache_cases)
+    return {
+        "cases": len(ids),
+        "cases cached": f"{cached} (cache_cases {cfg.patches.cache_cases})",
+        "decoded MiB": round(decoded_bytes(data, ids) / 2**20, 1),
+        "object store MiB": round(ray.cluster_resources().get("object_store_memory", 0) / 2**20),
+        "blocks": spread_blocks(len(ids)),
+        "cpus per data task": cfg.patches.cpus_per_data_task,
+        "idle workers kept ms": os.environ.get(IDLE_WORKER_ENV, "1000 (Ray's default)"),
+        "deterministic": cfg.patches.deterministic,
+        "ray": ray.__version__,
+    }
 
 
 def run_monai(
@@ -287,7 +320,9 @@ def _rate(result: dict) -> float:
 def main(argv=None) -> int:
     parser = common.parser(__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 96])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--epochs", type=int, default=6, help="epochs per pipeline; the first is reported apart"
+    )
     parser.add_argument("--workers", type=int, default=2, help="CPUs for each pipeline")
     parser.add_argument("--patches-per-case", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
@@ -295,6 +330,13 @@ def main(argv=None) -> int:
         "--unordered",
         action="store_true",
         help="also measure our feed without the deterministic block order",
+    )
+    parser.add_argument(
+        "--check",
+        type=float,
+        metavar="RATIO",
+        help="exit 1 if ours is below RATIO x MONAI's standard pipeline at any size (the "
+        "regression check: --sizes 32 --check 1.0)",
     )
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -325,6 +367,7 @@ def main(argv=None) -> int:
         if args.unordered:
             unordered = _spawn(args, "ray", size, unordered=True)
             rows.append(("mixcl_ray Ray Data, unordered", unordered))
+        print("| " + " | ".join(f"{k}: {v}" for k, v in ours["settings"].items()) + " |")
         for name, r in rows:
             print(
                 f"| {size}^3 | {name} | {r['epoch_seconds'][0]:.1f} | {_rate(r):.1f} | "
@@ -345,7 +388,24 @@ def main(argv=None) -> int:
         ms = monai_views_ms(args.data, size, args.patches_per_case)
         print(f"  MONAI's transforms for the same views + corruptions: {ms:.2f} ms/patch")
     print("\nsummary: " + json.dumps(summary))
+    if args.check is not None:
+        failed = below(summary, args.check)
+        for line in failed:
+            print("CHECK FAILED: " + line)
+        if failed:
+            return 1
+        print(f"check passed: ours at least {args.check}x MONAI's standard pipeline")
     return 0
+
+
+def below(summary: dict, floor: float) -> list[str]:
+    """The sizes at which ours fed fewer than ``floor`` x the patches/s of MONAI's standard
+    pipeline, one line each."""
+    return [
+        f"{size}^3: ours {s['throughput_ratio']:.2f}x MONAI's standard pipeline, below {floor}x"
+        for size, s in summary.items()
+        if s["throughput_ratio"] < floor
+    ]
 
 
 if __name__ == "__main__":

@@ -15,13 +15,22 @@ TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 PREEMPTION_ENV, PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"
 # what every process of the job gets unless this process's environment sets it
 JOB_ENV_DEFAULTS = {TRAIN_POLL_ENV: TRAIN_POLL_S, PREEMPTION_ENV: PREEMPTION_WATCHER}
+# A raylet keeps as many idle worker processes as its node has CPUs and kills any more after 1 s
+# idle. The feed's tasks ask half a CPU each, so twice as many task processes run as there are
+# CPUs, and each gap of a second (an epoch's end, a validation, a slow consumer) killed half of
+# them; the next blocks then waited while new processes started and imported numpy, pyarrow and
+# Ray Data (an epoch of the feed took up to 5x its usual time; docs/training.md). A node started
+# by ``init_ray`` gets it from this variable; a cluster's ``ray start`` needs it in its
+# environment (the deploy recipes set it).
+IDLE_WORKER_ENV, IDLE_WORKER_MS = "RAY_idle_worker_killing_time_threshold_ms", "300000"
 
 
 def init_ray(address: str | None = None, **ray_init) -> None:
     """Start (or join) Ray as every mixcl_ray process does: quiet logs, and for every process
     of the job (on every node) the setup hook that makes Ray Data re-read its limits often
     (``RAY_RUNTIME_ENV``), Ray Train's 0.5 s poll and no preemption watcher
-    (``JOB_ENV_DEFAULTS``; a value set in this process's environment wins). ``ray_init``: more
+    (``JOB_ENV_DEFAULTS``; a value set in this process's environment wins); a node it starts keeps
+    idle worker processes for minutes, not 1 s (``IDLE_WORKER_ENV``). ``ray_init``: more
     ``ray.init`` arguments (``num_cpus``, ``include_dashboard``, ...), overriding those."""
     import logging
 
@@ -30,6 +39,7 @@ def init_ray(address: str | None = None, **ray_init) -> None:
     from mixcl_ray.feed import RAY_RUNTIME_ENV, refresh_limits_often
 
     if not ray.is_initialized():
+        os.environ.setdefault(IDLE_WORKER_ENV, IDLE_WORKER_MS)  # read by the raylet it starts
         runtime_env = {
             **RAY_RUNTIME_ENV,
             "env_vars": {k: os.environ.get(k, v) for k, v in JOB_ENV_DEFAULTS.items()},

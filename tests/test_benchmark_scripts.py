@@ -48,6 +48,9 @@ def test_feed_benchmark_smoke(prepared_benchmark):
         "1",
     )
     assert "machine:" in out and "mixcl_ray Ray Data" in out
+    # the settings that decide our figure, beside it
+    assert "cases cached: True (cache_cases auto)" in out and "blocks: " in out
+    assert "idle workers kept ms: 300000" in out and "object store MiB: " in out
     assert "MONAI's transforms |" in out and "our augmentation functions |" in out
     ratios = _ratios(out)  # 3 rows x (vs MONAI's transforms, vs our functions)
     assert len(ratios) == 6 and ratios[0] == 1.0 and ratios[3] == 1.0, ratios

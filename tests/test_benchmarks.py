@@ -351,3 +351,14 @@ def test_label_efficiency_cells_name_their_machine_and_mixed_machines_are_said(
     line = hardware_line(cells)
     assert "3 kinds of machine" in line and here in line and other in line
     assert "not recorded" in line  # a cell from before the hardware was recorded
+
+
+def test_feed_check_names_each_size_below_the_floor(monkeypatch):
+    """feed_vs_monai.py --check RATIO: the sizes where ours fell below RATIO x MONAI's standard
+    pipeline, none when every size is at or above it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from feed_vs_monai import below
+
+    summary = {32: {"throughput_ratio": 0.64}, 96: {"throughput_ratio": 1.0}}
+    assert below(summary, 1.0) == ["32^3: ours 0.64x MONAI's standard pipeline, below 1.0x"]
+    assert below(summary, 0.5) == []

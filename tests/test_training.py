@@ -422,6 +422,28 @@ def test_every_ray_process_rereads_the_data_limits_often_and_polls_train_workers
     assert ray.get(job_env.remote(PREEMPTION_ENV)) == "0"
 
 
+def test_idle_data_task_processes_outlive_a_pause(ray_session):
+    """Four half-CPU tasks at once on 2 CPUs run in four processes; Ray's default kills the two
+    beyond one per CPU after 1 s idle, so the next epoch would start new ones. The node that
+    init_ray starts keeps them through a 3 s pause."""
+    import time
+
+    import psutil
+
+    @ray_session.remote(num_cpus=0.5)
+    def pid():
+        import os
+
+        time.sleep(0.5)
+        return os.getpid()
+
+    pids = set(ray_session.get([pid.remote() for _ in range(4)]))
+    assert len(pids) == 4
+    time.sleep(3)
+    alive = {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"}
+    assert alive == pids
+
+
 def test_views_cropped_apart_ship_a_label_per_view_and_must_overlap():
     """views.crop_offset > 0: each example's second view is cropped at its own offset and carries
     its own label (label2); 0 keeps one label for both views, with the same patches and draws as
