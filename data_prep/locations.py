@@ -125,6 +125,16 @@ def list_names(location: Location) -> list[str]:
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
 
+def list_files(location: Location) -> list[str]:
+    """Paths, relative to ``location``, of every file under it ([] when it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    base = path.rstrip("/") + "/"
+    return sorted(i.path[len(base) :] for i in infos if i.type == pafs.FileType.File)
+
+
 def upload_folder(local: Path, location: Location) -> None:
     """Copy a local folder's files under ``location`` (which may be local too)."""
     import pyarrow.fs as pafs

@@ -263,11 +263,11 @@ def prepare(
     class_map = build_class_map(sources)
     fingerprint = input_fingerprint(sources, options, preset)
     check_out(out)
-    if locations.exists(locations.join(out, MANIFEST)) and locations.exists(
-        locations.join(out, SPLITS)
-    ):
+    if locations.exists(locations.join(out, MANIFEST)):
         try:
             old = json.loads(locations.read_text(locations.join(out, MANIFEST)))
+            if not locations.exists(locations.join(out, old.get("splits", SPLITS))):
+                old = {}
         except (OSError, json.JSONDecodeError):
             old = {}
         if (

@@ -45,7 +45,9 @@ def read_manifest(out: str | os.PathLike) -> dict:
 
 
 def read_splits(out: str | os.PathLike) -> dict:
-    return _load(out, SPLITS)
+    """splits.json: beside the manifest, or where the manifest says (an object-store output
+    keeps it in the version its manifest switched to)."""
+    return _load(out, _load(out, MANIFEST).get("splits", SPLITS))
 
 
 def select_case_ids(

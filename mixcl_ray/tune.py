@@ -96,7 +96,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from data_prep.reader import read_manifest
+    from data_prep.reader import read_manifest, read_splits
     from mixcl_ray.ray_start import init_ray
     from mixcl_ray.report import make_report
     from mixcl_ray.trial import SweepContext, run_trial
@@ -148,9 +148,9 @@ def run_sweep(
     locations.write_text(state_file, json.dumps(state))
     with tempfile.TemporaryDirectory(prefix="mixcl-sweep-") as tmp:
         artifacts = [Path(space_path)] if Path(space_path).exists() else []
-        for name in ("manifest.json", "splits.json"):  # local copies: the data may be remote
-            artifacts.append(Path(tmp, name))
-            artifacts[-1].write_bytes(locations.read_bytes(locations.join(data_dir, name)))
+        for name, read in (("manifest.json", read_manifest), ("splits.json", read_splits)):
+            artifacts.append(Path(tmp, name))  # local copies: the data may be remote
+            artifacts[-1].write_text(json.dumps(read(data_dir), indent=1))
         for artifact in artifacts:
             tracking.log_artifact(uri, parent_id, artifact, "sweep")
 

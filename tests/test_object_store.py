@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data_prep import locations
+from data_prep.output import FAIL_AFTER_SHARDS_ENV
+from data_prep.reader import load_case, read_splits
 from mixcl_ray.storage import StorageError, ensure_writable
 from tests.servers import S3_BUCKET as BUCKET
 from tests.servers import S3_SECRET as SECRET
@@ -86,12 +89,32 @@ def test_prepare_and_resume_pretraining_on_an_object_store(s3, synthetic_benchma
     )
     assert rc == 0, out[-4000:]
     assert f"prepared folder: {data}" in out
-    names = locations.list_names(data)
-    assert {"manifest.json", "splits.json", "shards"} <= set(names)
+    first = json.loads(locations.read_text(f"{data}/manifest.json"))
+    assert set(locations.list_files(data)) == {"manifest.json", first["splits"], *first["shards"]}
     rc, out = _run(
         "data_prep", ["prepare", "--dataset", str(synthetic_benchmark), "--out", data], s3, tmp_path
     )
     assert rc == 0 and "is up to date with its inputs" in out, out[-4000:]
+
+    # a new output whose upload dies half-way: the previous one stays whole and readable, and
+    # the same command run again finishes, leaving nothing of the dead upload behind
+    case_id = sorted(first["cases"])[0]
+    image = load_case(data, case_id)["image"]
+    again = ["prepare", "--dataset", str(synthetic_benchmark), "--out", data, "--no-progress"]
+    again += ["--cases-per-shard", "3"]  # other options: another output
+    rc, out = _run("data_prep", again, {**s3, FAIL_AFTER_SHARDS_ENV: "2"}, tmp_path)
+    assert rc != 0 and "upload stopped after 2 shards" in out, out[-4000:]
+    assert json.loads(locations.read_text(f"{data}/manifest.json")) == first
+    assert read_splits(data) == json.loads(locations.read_text(f"{data}/{first['splits']}"))
+    assert np.array_equal(load_case(data, case_id)["image"], image)
+    assert len([n for n in locations.list_names(data) if n.startswith("v-")]) == 2
+    rc, out = _run("data_prep", again, s3, tmp_path)
+    assert rc == 0, out[-4000:]
+    second = json.loads(locations.read_text(f"{data}/manifest.json"))
+    assert second["input_fingerprint"] != first["input_fingerprint"]
+    assert len(second["shards"]) > len(first["shards"])
+    assert set(locations.list_files(data)) == {"manifest.json", second["splits"], *second["shards"]}
+    assert np.array_equal(load_case(data, case_id)["image"], image)
 
     # pre-training: checkpoints in the bucket; the same name with more epochs resumes from them
     config = tmp_path / "small.yaml"
