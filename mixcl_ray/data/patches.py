@@ -12,16 +12,23 @@ import numpy as np
 UNLABELLED = 255
 
 
+def window_slices(
+    shape: tuple[int, ...], centre: np.ndarray, size: tuple[int, int, int]
+) -> tuple[slice, ...]:
+    """The part of a ``shape`` volume that the ``size`` window centred on ``centre`` covers:
+    moved inside the volume where it fits, cut at its far side where the volume is smaller."""
+    shape_arr, size_arr = np.array(shape), np.array(size)
+    start = np.clip(centre - size_arr // 2, 0, np.maximum(shape_arr - size_arr, 0))
+    stop = np.minimum(start + size_arr, shape_arr)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
+
+
 def crop(
     volume: np.ndarray, centre: np.ndarray, size: tuple[int, int, int], fill: float
 ) -> np.ndarray:
     """The ``size`` window of a (X, Y, Z) volume centred on ``centre``, clipped inside the volume
     where it fits and padded with ``fill`` where the volume is smaller than the window."""
-    shape = np.array(volume.shape)
-    size_arr = np.array(size)
-    start = np.clip(centre - size_arr // 2, 0, np.maximum(shape - size_arr, 0))
-    stop = np.minimum(start + size_arr, shape)
-    window = volume[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
+    window = volume[window_slices(volume.shape, centre, size)]
     if window.shape == tuple(size):
         return window
     pad = [(0, s - w) for s, w in zip(size, window.shape, strict=True)]
@@ -77,8 +84,13 @@ def crop_patches(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The (image, label) patches at ``centres`` (n, 3), padded as ``sample_patches`` pads."""
     unlabelled = bool(label.reshape(-1)[0] == UNLABELLED and (label == UNLABELLED).all())
-    fill_label = UNLABELLED if unlabelled else 0
-    fill_image = float(image.min())
-    images = np.stack([crop(image, c, patch_size, fill_image) for c in centres]).astype(np.float32)
-    labels = np.stack([crop(label, c, patch_size, fill_label) for c in centres]).astype(np.uint8)
+    # filled once and each window copied in: padding every patch (np.pad), stacking and casting
+    # took a quarter of a 96^3 example's time on volumes smaller than the patch
+    images = np.full((len(centres), *patch_size), image.min(), dtype=np.float32)
+    labels = np.full((len(centres), *patch_size), UNLABELLED if unlabelled else 0, np.uint8)
+    for i, centre in enumerate(centres):
+        window = window_slices(image.shape, centre, patch_size)
+        part = tuple(slice(0, w.stop - w.start) for w in window)
+        images[(i, *part)] = image[window]
+        labels[(i, *part)] = label[window]
     return images, labels
