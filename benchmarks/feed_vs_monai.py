@@ -16,7 +16,9 @@ the feed's machinery alone).
 
 The prepared folder defaults to the built-in benchmark (prepared on first use). The first epoch
 of each pipeline includes its one-off cost (reading and decoding for ours, CacheDataset's
-caching for MONAI) and is reported separately; throughput is over the later epochs.
+caching for MONAI) and is reported separately; throughput is over the later epochs. Memory is
+sampled in the first epoch and in one more run after the measured ones, not while throughput
+is measured (the sampler's reads of the Ray processes' memory maps slowed them).
 ``--unordered`` adds our feed with ``patches.deterministic`` off (blocks in the order their
 tasks finish, as Ray Data does by default): what the deterministic feed costs. Beside the
 figures: the settings that decide ours (cached or streamed, blocks, object store, idle worker
@@ -43,13 +45,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class TreeMemory:
-    """Peak PSS of this process and all its descendants, sampled in a thread; ``by_process``
-    is the peak sample split by process name (``ray::TrainController``, ``raylet``, ...)."""
+    """Peak PSS of this process and all its descendants, sampled in a thread while ``active``;
+    ``by_process`` is the peak sample split by process name (``ray::TrainController``,
+    ``raylet``, ...)."""
 
     def __init__(self, interval: float = 0.5):
         import psutil
 
         self.root, self.interval, self.peak = psutil.Process(), interval, 0
+        self.active = True
         self.by_process: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -78,7 +82,8 @@ class TreeMemory:
 
     def _run(self):
         while not self._stop.is_set():
-            self._record()
+            if self.active:
+                self._record()
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -102,6 +107,14 @@ def pretrain_config(size: int, patches_per_case: int) -> dict:
     )
 
 
+def sampled(epoch: int, epochs: int) -> bool:
+    """Whether memory is sampled in this epoch: the first (the one-off cost) and one more after
+    the ``epochs`` measured, never during the epochs whose throughput is reported. Reading the
+    PSS of a dozen Ray processes that map the object store took 63 ms a sample on 2 cores and
+    slowed the feed by a fifth at 96^3 (the MONAI pipeline, three small processes, far less)."""
+    return epoch in (0, epochs)
+
+
 def run_ray(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: int) -> dict:
     """Our feed: Ray Data tasks sample and augment, the consumer iterates batches."""
     import ray
@@ -121,7 +134,8 @@ def run_ray(data: Path, size: int, epochs: int, workers: int, ppc: int, batch: i
         start = time.perf_counter()
         # reads, decodes, materialises the cases
         ds = build_pretrain_dataset(data, cfg)
-        for _ in range(epochs):
+        for epoch in range(epochs + 1):
+            memory.active = sampled(epoch, epochs)
             n = 0
             for b in ds.iter_batches(batch_size=batch, batch_format="numpy", drop_last=False):
                 n += len(b["input1"])
@@ -186,7 +200,8 @@ def run_monai(
             num_workers=workers,
             persistent_workers=True,
         )
-        for _ in range(epochs):
+        for epoch in range(epochs + 1):
+            memory.active = sampled(epoch, epochs)
             n = 0
             for b in loader:
                 n += len(b["input1"])
@@ -237,8 +252,13 @@ def profile(data: Path, size: int, ppc: int, cases: int = 6) -> dict:
                     corrupt(clean, rng, cfg.corruptions)
                     spent["corruptions"] += time.perf_counter() - t
             n += 1
-    total = sum(spent.values())
-    return {k: {"ms_per_patch": 1000 * v / n, "share": v / total} for k, v in spent.items()}
+    # shares of the work done every epoch: the feed reads and decodes a case once per run
+    # (cached) or once per epoch (streamed), not once per patch as this loop does
+    total = sum(v for k, v in spent.items() if k != "decode case")
+    return {
+        k: {"ms_per_patch": 1000 * v / n, "share": None if k == "decode case" else v / total}
+        for k, v in spent.items()
+    }
 
 
 CHILDREN = {
@@ -312,9 +332,10 @@ def _spawn(args, which: str, size: int, unordered: bool = False) -> dict:
 
 
 def _rate(result: dict) -> float:
-    later = result["epoch_seconds"][1:] or result["epoch_seconds"]
-    count = result["patches"][1:] or result["patches"]
-    return sum(count) / sum(later)
+    """Patches/s of the measured epochs after the first (the last epoch, run for the memory
+    sampler, is not one of them)."""
+    measured = slice(1, -1) if len(result["epoch_seconds"]) > 2 else slice(0, -1)
+    return sum(result["patches"][measured]) / sum(result["epoch_seconds"][measured])
 
 
 def main(argv=None) -> int:
@@ -384,7 +405,10 @@ def main(argv=None) -> int:
     for size in args.sizes:
         print(f"\nwhere a {size}^3 patch's time goes (one process, no pipeline):")
         for step, v in profile(args.data, size, args.patches_per_case).items():
-            print(f"  {step:14s} {v['ms_per_patch']:8.2f} ms/patch  {100 * v['share']:5.1f} %")
+            share = (
+                "(once a run when cached)" if v["share"] is None else f"{100 * v['share']:5.1f} %"
+            )
+            print(f"  {step:14s} {v['ms_per_patch']:8.2f} ms/patch  {share}")
         ms = monai_views_ms(args.data, size, args.patches_per_case)
         print(f"  MONAI's transforms for the same views + corruptions: {ms:.2f} ms/patch")
     print("\nsummary: " + json.dumps(summary))
