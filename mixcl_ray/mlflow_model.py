@@ -62,11 +62,11 @@ def tracking_at(uri: str | None):
     process's tracking URI, which MLflow also writes into the environment, is restored after."""
     import mlflow
 
-    from mixcl_ray import tracking
+    from mixcl_ray import tracking_access
 
     before = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        mlflow.set_tracking_uri(tracking.set_credentials(uri))
+        mlflow.set_tracking_uri(tracking_access.set_credentials(uri))
     try:
         yield mlflow.get_tracking_uri()
     finally:
@@ -135,13 +135,13 @@ def local_weights(model: str, tracking_uri: str | None, into: Path) -> str:
         return model
     import mlflow
 
-    from mixcl_ray import tracking
+    from mixcl_ray import tracking_access
 
     with tracking_at(tracking_uri) as store:
         try:
             folder = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(into))
         except mlflow.exceptions.MlflowException as err:
-            where = tracking.safe_uri(store)
+            where = tracking_access.safe_uri(store)
             raise ValueError(
                 f"{model}: cannot read this model from {where}: {err.message}"
             ) from None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from data_prep import locations
 from data_prep.locations import describe
-from mixcl_ray import tracking
+from mixcl_ray import tracking, tracking_buffer
 from mixcl_ray.dimensions import pretrain_params
 from mixcl_ray.storage import local_scratch
 
@@ -54,7 +54,7 @@ def cached_pretraining(pre_cfg, ctx, owner: str = "") -> tuple[Path, str, bool]:
             cache,
             pre_cfg,
             name=key,
-            callbacks=[tracking.EpochMetricsCallback(ctx.uri, run_id)],
+            callbacks=[tracking_buffer.EpochMetricsCallback(ctx.uri, run_id)],
         )
         tracking.set_tags(
             ctx.uri,

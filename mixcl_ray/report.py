@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixcl_ray import tracking
+from mixcl_ray import tracking, tracking_access
 
 REPORT_METRIC = "test/dice_mean"
 CURVE_METRIC = "val/dice_mean"
@@ -31,7 +31,9 @@ def collect(
     client = tracking._client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise ValueError(f"no MLflow experiment named {experiment!r} at {tracking.safe_uri(uri)}")
+        raise ValueError(
+            f"no MLflow experiment named {experiment!r} at {tracking_access.safe_uri(uri)}"
+        )
     if parent_id is None:
         parents = client.search_runs(
             [exp.experiment_id],

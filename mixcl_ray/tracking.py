@@ -4,7 +4,8 @@ Local store by default: ``sqlite:///<runs>/mlflow.db`` with artifacts under ``<r
 ``MLFLOW_TRACKING_URI`` (or ``--tracking-uri``) points it at a server. One parent run per
 sweep; one child run per trial (tag ``mlflow.parentRunId``), and one per pre-training that a
 sweep actually trains. Per-epoch metrics go live from the Ray Train controller through
-``EpochMetricsCallback`` (rank 0's metrics, step = epoch).
+``tracking_buffer.EpochMetricsCallback`` (rank 0's metrics, step = epoch), which keeps them
+while the server is away.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+
+from mixcl_ray.tracking_access import safe_uri, set_credentials
 
 PARENT_TAG = "mlflow.parentRunId"
 INTERRUPTED_TAG = "mixcl.interrupted"
@@ -55,70 +58,11 @@ def default_tracking_uri(runs_dir: str | os.PathLike) -> str:
     )
 
 
-def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
-    """(URI without user:password, user, password) of an http(s) tracking URI."""
-    from urllib.parse import unquote, urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
-        return uri, None, None
-    host = parts.netloc.rsplit("@", 1)[1]
-    clean = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    password = unquote(parts.password) if parts.password is not None else None
-    return clean, unquote(parts.username or ""), password
-
-
-def set_credentials(uri: str) -> str:
-    """``uri`` without its credentials, which move to MLflow's own environment variables (basic
-    auth), so that MLflow never prints or stores them as part of a URL."""
-    clean, user, password = split_credentials(uri)
-    if user:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = user
-        if password is not None:
-            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
-    return clean
-
-
 def _client(uri: str):
     """A client for ``uri`` (its credentials set aside, ``set_credentials``)."""
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=set_credentials(uri))
-
-
-def check_reachable(uri: str) -> None:
-    """Fail before any compute when the tracking server cannot be reached."""
-    if uri.startswith(("http://", "https://")):
-        import base64
-        import urllib.request
-
-        clean, user, password = split_credentials(uri)
-        request = urllib.request.Request(f"{clean.rstrip('/')}/health")
-        if user:
-            token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        try:
-            urllib.request.urlopen(request, timeout=10)
-        except OSError as err:
-            raise ConnectionError(
-                f"MLflow tracking server {safe_uri(uri)} is not reachable ({err}); start it or "
-                "point --tracking-uri / MLFLOW_TRACKING_URI elsewhere"
-            ) from None
-    try:
-        _client(uri).search_experiments(max_results=1)
-    except Exception as err:  # MLflow raises several types for an unreachable server
-        raise ConnectionError(
-            f"MLflow tracking at {safe_uri(uri)} is not reachable: {type(err).__name__}: "
-            f"{str(err)[:200]}"
-        ) from None
-
-
-def safe_uri(uri: str) -> str:
-    """The URI without user:password (also for database URIs such as postgresql://u:p@host/db)."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return uri
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: str | os.PathLike | None = None) -> str:
@@ -204,17 +148,22 @@ def log_params(uri: str, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=new)
 
 
+def loggable(metrics: dict) -> dict[str, float]:
+    """The finite numbers of ``metrics`` (MLflow takes no text, booleans or NaN)."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
 def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [
-        Metric(k, float(v), now, step)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
-    ]
+    batch = [Metric(k, v, now, step) for k, v in loggable(metrics).items()]
     if batch:
         _client(uri).log_batch(run_id, metrics=batch)
 
@@ -322,19 +271,3 @@ def _train_callback_base():
     from ray.train.v2.api.callback import UserCallback
 
     return UserCallback
-
-
-class EpochMetricsCallback(_train_callback_base()):
-    """Ray Train callback (runs in the controller): rank 0's metrics to MLflow every epoch."""
-
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
-
-    def after_report(self, run_context, metrics, checkpoint):
-        log_epoch(self.uri, self.run_id, metrics[0])
-
-
-def log_epoch(uri: str, run_id: str, metrics: dict) -> None:
-    """One epoch's reported metrics, logged at the epoch as their step."""
-    logged = {k: v for k, v in metrics.items() if k not in ("epoch", "step")}
-    log_metrics(uri, run_id, logged, step=int(metrics.get("epoch", 0)))

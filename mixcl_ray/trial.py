@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data_prep import locations
 from data_prep.locations import describe
-from mixcl_ray import tracking
+from mixcl_ray import tracking, tracking_buffer
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
             ft_cfg,
             pretrained=pretrained,
             name=f"finetune-{key}",
-            callbacks=[tracking.EpochMetricsCallback(uri, run_id), TuneReportCallback()],
+            callbacks=[tracking_buffer.EpochMetricsCallback(uri, run_id), TuneReportCallback()],
         )
         if trained >= ft_cfg.optim.epochs and result.history:
             # its last epoch was checkpointed before the trial was lost (in its test scoring):
@@ -163,7 +163,7 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
             from ray import tune
 
             for epoch in result.history:
-                tracking.log_epoch(uri, run_id, epoch)
+                tracking_buffer.log_epoch(uri, run_id, epoch)
             tune.report(dict(result.history[-1]))
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from data_prep import locations
 from data_prep.locations import Location, describe
-from mixcl_ray import tracking
+from mixcl_ray import tracking, tracking_access
 from mixcl_ray.spaces import (
     ASHA_DEFAULTS,
     SPACES_DIR,
@@ -111,7 +111,7 @@ def run_sweep(
             "sqlite:///a/local/mlflow.db) or set MLFLOW_TRACKING_URI"
         )
     uri = tracking_uri or tracking.default_tracking_uri(storage)
-    tracking.check_reachable(uri)  # before any compute
+    tracking_access.check_reachable(uri)  # before any compute
     data_dir = resolve_data(spec.data, data)
     manifest = read_manifest(data_dir)
     state_file = _sweep_state(storage, spec.name)
@@ -158,7 +158,9 @@ def run_sweep(
     ctx = SweepContext(
         data=str(data_dir),
         storage=str(storage),
-        uri=uri,
+        uri=tracking_access.with_env_credentials(
+            uri
+        ),  # trials on other nodes lack this environment
         experiment_id=experiment_id,
         parent_id=parent_id,
         sweep=state["name"],
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     if plot:
         print(f"\nlabel-efficiency plot: {describe(plot)}")
     print(
-        f"dashboard: mlflow ui --backend-store-uri {tracking.safe_uri(uri)}   (then open http://127.0.0.1:5000)"
+        f"dashboard: mlflow ui --backend-store-uri {tracking_access.safe_uri(uri)}   (then open http://127.0.0.1:5000)"
     )
     return 1 if errors else 0
 

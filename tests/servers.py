@@ -40,19 +40,35 @@ def wait_for_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 
 MLFLOW_RECIPE = Path(__file__).resolve().parents[1] / "deploy" / "mlflow_server.sh"
 
 
+MLFLOW_USER = "alice"  # the recipe server's admin in the tests
+MLFLOW_PASSWORD = "s3cret-Pa55-word"  # MLflow asks 12 characters at least
+
+
 def mlflow_recipe_env(root: Path, port: int) -> dict[str, str]:
     """The environment that runs the deploy recipe (``MLFLOW_RECIPE``) with one worker on
     ``port``, its database and artifacts under ``root``, with this interpreter's mlflow and
-    the recipe's own choice of MLflow's job runner."""
+    the recipe's own choice of MLflow's job runner; its admin ``MLFLOW_USER`` with
+    ``MLFLOW_PASSWORD``, read from a file beside ``root`` (never inside: the tests look for the
+    password in everything the server writes)."""
+    password_file = root.parent / f"{root.name}-admin-password"
+    password_file.write_text(MLFLOW_PASSWORD + "\n")
     env = dict(
         os.environ,
         MLFLOW_ROOT=str(root),
         MLFLOW_PORT=str(port),
         MLFLOW_WORKERS="1",
+        MLFLOW_ADMIN_USER=MLFLOW_USER,
+        MLFLOW_ADMIN_PASSWORD_FILE=str(password_file),
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     )
-    env.pop("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", None)
+    for key in ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "MLFLOW_AUTH_CONFIG_PATH"):
+        env.pop(key, None)
     return env
+
+
+def mlflow_client_env() -> dict[str, str]:
+    """What a client of the recipe's server in the tests authenticates with."""
+    return {"MLFLOW_TRACKING_USERNAME": MLFLOW_USER, "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD}
 
 
 def start_server(argv: list[str], url: str, what: str, timeout: float = 120, **kwargs):

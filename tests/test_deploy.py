@@ -24,7 +24,9 @@ import yaml
 
 from tests.doc_commands import check_module_command, commands_in
 from tests.servers import (
+    MLFLOW_PASSWORD,
     MLFLOW_RECIPE,
+    MLFLOW_USER,
     free_port,
     mlflow_recipe_env,
     stop_server,
@@ -218,6 +220,34 @@ def test_cluster_page_commands_run_in_the_package():
         assert (ROOT / recipe).exists(), recipe
 
 
+def assert_basic_auth_and_allowed_hosts(url: str, root: Path) -> None:
+    """The recipe's server answers the API only to its users, and only under the Host names it
+    was given; its secrets are files only their owner reads."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    def status(user=None, password=None, host=None) -> int:
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")
+        if user:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        if host:
+            request.add_header("Host", host)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert status() == 401
+    assert status(MLFLOW_USER, "wrong") == 401
+    assert status(MLFLOW_USER, MLFLOW_PASSWORD) == 200
+    assert status(MLFLOW_USER, MLFLOW_PASSWORD, host="mlflow.attacker.example") in (400, 403)
+    for secret in (root / "flask_secret_key", root / "basic_auth.ini"):
+        assert secret.stat().st_mode & 0o077 == 0, secret
+
+
 @pytest.mark.slow
 def test_mlflow_server_recipe_binds_to_localhost(tmp_path):
     port = free_port()
@@ -251,6 +281,7 @@ def test_mlflow_server_recipe_binds_to_localhost(tmp_path):
         commands = [" ".join(p.cmdline()) for p in tree.children(recursive=True)]
         assert commands and not [c for c in commands if "huey" in c], commands
         assert (tmp_path / "mlflow.db").exists()
+        assert_basic_auth_and_allowed_hosts(f"http://127.0.0.1:{port}", tmp_path)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixcl_ray import tracking
+from mixcl_ray import tracking, tracking_access
 from mixcl_ray.report import collect, make_report, summarise, with_curves
 from mixcl_ray.spaces import SPACES_DIR, SpaceError, load_space, make_search, to_tune_space
 
@@ -246,13 +246,13 @@ def test_secrets_never_become_params():
         "cache_key": "abc",
         "store": "postgresql://***@db/mlflow",
     }
-    assert tracking.safe_uri("http://user:pw@host:5000") == "http://***@host:5000"
-    assert tracking.split_credentials("https://me:p%40ss@host:5000/mlflow") == (
+    assert tracking_access.safe_uri("http://user:pw@host:5000") == "http://***@host:5000"
+    assert tracking_access.split_credentials("https://me:p%40ss@host:5000/mlflow") == (
         "https://host:5000/mlflow",
         "me",
         "p@ss",
     )
-    assert tracking.split_credentials("sqlite:////tmp/a@b/mlflow.db")[1] is None
+    assert tracking_access.split_credentials("sqlite:////tmp/a@b/mlflow.db")[1] is None
 
 
 def test_optuna_search_samples_the_space_and_tune_keeps_the_constants():
@@ -606,3 +606,35 @@ def test_the_report_names_each_cells_best_model_chosen_on_validation():
     assert "- mixcl, 5 %: runs:/a/model (validation Dice 0.400, seed 0)" in text
     assert "- scratch, 5 %: runs:/c/model" in text and "runs:/b/model" not in text
     assert "100 %" not in text and best_models(rows[3:]) == ""
+
+
+def test_credentials_never_cross_a_network_in_clear_and_reach_other_nodes(monkeypatch):
+    from mixcl_ray import tracking_access
+
+    monkeypatch.delenv(tracking_access.ALLOW_HTTP_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    tracking_access.refuse_clear_credentials(
+        "http://mlflow.example.org:5000"
+    )  # no password: allowed
+    tracking_access.refuse_clear_credentials("https://me:pw@mlflow.example.org")
+    tracking_access.refuse_clear_credentials("http://me:pw@127.0.0.1:5000")  # this machine
+    with pytest.raises(ValueError, match=r"plain http to http://\*\*\*@mlflow.example.org"):
+        tracking_access.refuse_clear_credentials("http://me:pw@mlflow.example.org")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "me")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "p@ss:w/rd")
+    with pytest.raises(ValueError, match="https://"):
+        tracking_access.check_reachable("http://10.0.0.5:5000")  # refused before any request
+    monkeypatch.setenv(tracking_access.ALLOW_HTTP_ENV, "1")
+    tracking_access.refuse_clear_credentials("http://10.0.0.5:5000")
+    # the trials' URI carries this environment's credentials, which split back unchanged
+    folded = tracking_access.with_env_credentials("https://mlflow.example.org/base")
+    assert tracking_access.split_credentials(folded) == (
+        "https://mlflow.example.org/base",
+        "me",
+        "p@ss:w/rd",
+    )
+    assert tracking_access.with_env_credentials("https://u:v@h") == "https://u:v@h"
+    assert (
+        tracking_access.with_env_credentials("sqlite:////tmp/mlflow.db")
+        == "sqlite:////tmp/mlflow.db"
+    )

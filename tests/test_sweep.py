@@ -22,10 +22,13 @@ from data_prep import locations
 from mixcl_ray.tracking import CODE_TAG, HARDWARE_TAG, code_version
 from mixcl_ray.train_utils import hardware
 from tests.servers import (
+    MLFLOW_PASSWORD,
     MLFLOW_RECIPE,
+    MLFLOW_USER,
     S3_BUCKET,
     S3_SECRET,
     free_port,
+    mlflow_client_env,
     mlflow_recipe_env,
     start_server,
     stop_server,
@@ -56,7 +59,7 @@ space:
 """
 
 
-PASSWORD = "s3cret-Pa55"
+PASSWORD = MLFLOW_PASSWORD
 _SERVER_FOLDERS: dict[str, Path] = {}
 
 
@@ -67,7 +70,8 @@ def mlflow_server_folder(url: str) -> Path:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """The deploy recipe's tracking server (SQLite, proxied artifacts, 127.0.0.1, no job
-    runner), one worker."""
+    runner, basic authentication), one worker; this process's MLflow clients sign in as its
+    admin (the sweeps below get the credentials in their tracking URI only)."""
     folder = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -78,13 +82,18 @@ def mlflow_server(tmp_path_factory):
         env=mlflow_recipe_env(folder, port),
     )
     _SERVER_FOLDERS[url] = folder
-    yield url
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in mlflow_client_env().items():
+            env.setenv(key, value)
+        yield url
     stop_server(proc)
 
 
 def _tune(args, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)  # the test session's own Ray instance is not the user's
+    for key in mlflow_client_env():  # a sweep's credentials come in its --tracking-uri
+        env.pop(key, None)
     return subprocess.Popen(
         # its own local Ray instance, with the dashboard, as a user's command starts it
         [sys.executable, "-m", "mixcl_ray.tune", "--address", "local", *args],
@@ -134,8 +143,8 @@ def store_sweep(prepared_benchmark, ray_paused, mlflow_server, s3_env, tmp_path_
                 concurrent=2,
             )
         )
-        # credentials in the URI (the test server ignores basic auth) must never be written
-        with_password = mlflow_server.replace("http://", f"http://alice:{PASSWORD}@")
+        # credentials in the URI (the server checks them) must never be written
+        with_password = mlflow_server.replace("http://", f"http://{MLFLOW_USER}:{PASSWORD}@")
         args = ["--space", str(space), "--data", data, "--storage", storage]
         proc = _tune([*args, "--tracking-uri", with_password])
         out, _ = proc.communicate(timeout=1500)
