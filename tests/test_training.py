@@ -426,18 +426,31 @@ def test_idle_data_task_processes_outlive_a_pause(ray_session):
     """Four half-CPU tasks at once on 2 CPUs run in four processes; Ray's default kills the two
     beyond one per CPU after 1 s idle, so the next epoch would start new ones. The node that
     init_ray starts keeps them through a 3 s pause."""
+    import asyncio
     import time
 
     import psutil
 
+    @ray_session.remote(num_cpus=0)
+    class Barrier:  # every task waits here until all four run, each in a process of its own
+        def __init__(self, n: int):
+            self.n, self.arrived, self.all_in = n, 0, asyncio.Event()
+
+        async def arrive(self) -> None:
+            self.arrived += 1
+            if self.arrived == self.n:
+                self.all_in.set()
+            await asyncio.wait_for(self.all_in.wait(), 120)
+
     @ray_session.remote(num_cpus=0.5)
-    def pid():
+    def pid(barrier):
         import os
 
-        time.sleep(0.5)
+        ray_session.get(barrier.arrive.remote())
         return os.getpid()
 
-    pids = set(ray_session.get([pid.remote() for _ in range(4)]))
+    barrier = Barrier.remote(4)
+    pids = set(ray_session.get([pid.remote(barrier) for _ in range(4)]))
     assert len(pids) == 4
     time.sleep(3)
     alive = {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"}
