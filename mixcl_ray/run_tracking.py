@@ -61,7 +61,9 @@ class StandaloneRun:
         if tracking_buffer.answers(self.uri):
             try:
                 return log_model(self.uri, self.run_id, best_model, card, register)
-            except Exception as err:  # the server went away on the way
+            except Exception as err:
+                if tracking_buffer.answers(self.uri):
+                    raise  # a fault of the model logging itself, not of the server
                 print(f"MLflow: {type(err).__name__}: {str(err)[:200]}", file=sys.stderr)
         self.tags["mixcl.model_not_logged"] = "the tracking server was unreachable"
         print("MLflow server unreachable: the model was not logged", file=sys.stderr)

@@ -75,6 +75,20 @@ def test_metrics_kept_while_the_server_is_away_are_sent_in_order_with_the_closin
     assert not list((tmp_path / "pending").glob("*"))
 
 
+def test_a_model_that_fails_to_log_is_an_error_while_the_server_answers(tmp_path, monkeypatch):
+    """Only a server that went away makes a model "not logged"; a fault of the model logging
+    itself (here: no weights file) is raised, not reported as an unreachable server."""
+    from mixcl_ray.run_tracking import StandaloneRun
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(FileNotFoundError):
+        with StandaloneRun("finetune", str(tmp_path), "e", "run", {}) as run:
+            run.log_model(tmp_path / "missing.pt", {})
+    assert "mixcl.model_not_logged" not in run.tags
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert client.get_run(run.run_id).info.status == "FAILED"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.usefixtures("ray_paused")
