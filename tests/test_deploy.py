@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -118,6 +119,20 @@ def test_kuberay_recipe_follows_the_kuberay_crds():
     broken["spec"]["rayClusterSpec"]["enableInTreeAutoscalng"] = True
     broken["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "on"
     assert len(crd_errors(broken, "ray.io_rayjobs.yaml.gz")) == 2
+
+
+def test_the_gcs_fault_tolerance_of_the_cluster_page_fits_the_kuberay_recipe():
+    """docs/cluster.md's ``gcsFaultToleranceOptions``, added to the recipe's cluster, is what
+    KubeRay's RayJob CRD accepts, its Redis password from a Secret."""
+    page = (ROOT / "docs" / "cluster.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", page, re.S) if "gcsFault" in b]
+    options = yaml.safe_load(textwrap.dedent(block))
+    assert "secretKeyRef" in options["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]
+    job = next(d for d in kuberay_documents() if d["kind"] == "RayJob")
+    job["spec"]["rayClusterSpec"].update(options)
+    assert crd_errors(job, "ray.io_rayjobs.yaml.gz") == []
+    options["gcsFaultToleranceOptions"]["redisPasword"] = "plain"  # the check can fail
+    assert len(crd_errors(job, "ray.io_rayjobs.yaml.gz")) == 1
 
 
 @pytest.mark.parametrize("name", LAUNCHER)
