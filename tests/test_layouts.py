@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from data_prep.corpus import expand_dataset_args
 from data_prep.errors import DataPrepError
-from data_prep.layouts import expand_dataset_args, read_dataset
+from data_prep.layouts import read_dataset
 from tests.nifti_helpers import make_msd
 
 

@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.synthetic import ORGAN_HU, SOURCES, TARGET, generate, make_phantom
+from data_prep.phantom import ORGAN_HU, make_phantom
+from data_prep.synthetic import SOURCES, TARGET, generate
 
 
 def _arrays(root):
