@@ -175,7 +175,8 @@ def main(argv=None) -> int:
     from data_prep.reader import load_case, read_splits
     from data_prep.splits import fraction_key
     from mixcl_ray.config import load_config
-    from mixcl_ray.feed import class_lookup, target_source
+    from mixcl_ray.feed import target_source
+    from mixcl_ray.finetune_feed import class_lookup
     from mixcl_ray.pretrain import PRETRAINED_FILE
 
     data = common.ensure_data(args.data)

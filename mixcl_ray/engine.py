@@ -72,6 +72,13 @@ class Stage:
         """Parameters trained at a multiple of the learning rate, and that multiple."""
         return [], 1.0
 
+    def scaled_hold_ramp(self) -> tuple[float, float]:
+        """Epochs the scaled parameters are held at rate 0, then ramped in over."""
+        return 0.0, 0.0
+
+    def after_step(self, model) -> None:
+        """Called after every optimiser step (``model`` as trained, DDP-wrapped or not)."""
+
     def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
@@ -112,6 +119,7 @@ def train_one_epoch(stage: Stage, model, batches, optimizer, scheduler, scaler, 
                 "lower the learning rate"
             )
         optimizer_step(loss, model, optimizer, scaler, scheduler, cfg.optim.grad_clip)
+        stage.after_step(model)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         count += 1
@@ -160,7 +168,7 @@ def run_stage(stage_cls: type[Stage], job: StageJob) -> None:
     scaled, lr_scale = stage.scaled_parameters(model)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=stage.ddp_kwargs)
     optimizer = build_optimizer(model, cfg.optim, scaled, lr_scale)
-    scheduler = build_scheduler(optimizer, cfg.optim, job.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg.optim, job.steps_per_epoch, stage.scaled_hold_ramp())
     scaler = grad_scaler(device, cfg.scaling.amp)
     start_epoch, step, history = 0, 0, []
     checkpoint = ray.train.get_checkpoint()

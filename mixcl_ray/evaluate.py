@@ -86,7 +86,8 @@ def evaluate_model(
     means."""
     from data_prep.reader import load_case, read_manifest, read_splits
     from mixcl_ray.config import FinetuneConfig, from_dict
-    from mixcl_ray.feed import class_lookup, target_source
+    from mixcl_ray.feed import target_source
+    from mixcl_ray.finetune_feed import class_lookup
     from mixcl_ray.predict import load_model
 
     loaded = load_model(model, device, tracking_uri)

@@ -5,6 +5,7 @@ not use, optionally kept in the object store with ``materialize``); random patch
 views and corruptions run per epoch in Ray Data tasks on any CPU of the cluster. The random
 stream of a case in an epoch is seeded by (seed, case id, epoch), where the epoch is the
 dataset's execution index (one execution per epoch) plus ``epoch_offset`` for resumed runs.
+Pre-training's examples are built here, fine-tuning's in ``mixcl_ray.finetune_feed``.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data_prep import locations
 from data_prep.reader import UNLABELLED, read_cases, read_manifest, read_splits
 from data_prep.splits import fraction_key
 from mixcl_ray.data.pairs import loss_example
 from mixcl_ray.data.patches import crop_patches, offset_centres, sample_centres
 
 if TYPE_CHECKING:
-    from mixcl_ray.config import FinetuneConfig, PatchConfig, PretrainConfig
+    from mixcl_ray.config import PretrainConfig
 
 LIMITS_REFRESH_S = 0.05
 
@@ -75,7 +75,7 @@ def case_rng(seed: int, case_id: str, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(case_id.encode()), epoch])
 
 
-def _one(batch: dict, key: str):
+def single(batch: dict, key: str):
     value = batch[key][0]
     return np.asarray(value) if not isinstance(value, str | bytes) else value
 
@@ -147,10 +147,10 @@ def _pretrain_case(row: dict, labelled: frozenset, num_classes: int) -> dict:
 def _pretrain_examples(batch: dict, cfg: PretrainConfig, epoch_offset: int) -> dict:
     """One case -> patches_per_case two-view examples: the arrays of ``example_keys`` for the
     loss's terms (inputs, reconstruction targets, flips1/2, rot1/2, label) and annotated."""
-    case_id = str(_one(batch, "case_id"))
+    case_id = str(single(batch, "case_id"))
     rng = case_rng(cfg.optim.seed, case_id, epoch_index() + epoch_offset)
     p = cfg.patches
-    image, label = _one(batch, "image"), _one(batch, "label")
+    image, label = single(batch, "image"), single(batch, "label")
     centres = sample_centres(label, p.patches_per_case, p.pos, p.neg, rng)
     images, labels = crop_patches(image, label, centres, p.patch_size)
     seconds = [None] * len(images)
@@ -163,7 +163,7 @@ def _pretrain_examples(batch: dict, cfg: PretrainConfig, epoch_offset: int) -> d
         for img, lab, second in zip(images, labels, seconds, strict=True)
     ]
     out = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    out["annotated"] = np.repeat(_one(batch, "annotated")[None], len(examples), axis=0)
+    out["annotated"] = np.repeat(single(batch, "annotated")[None], len(examples), axis=0)
     return out
 
 
@@ -181,7 +181,7 @@ def spread_blocks(cases: int) -> int:
     return max(1, min(cases, 4 * cpus))
 
 
-def _decoded_cases(data_dir, ids, cpus: float):
+def decoded_cases(data_dir, ids, cpus: float):
     """The decoded cases, spread over blocks, every task asking for ``cpus``."""
     return read_cases(data_dir, case_ids=ids, num_cpus=cpus, blocks=spread_blocks(len(ids)))
 
@@ -232,7 +232,7 @@ def build_pretrain_dataset(data_dir, cfg: PretrainConfig, epoch_offset: int = 0)
     ids, labelled = pretraining_cases(data_dir, cfg.pretrain_label_fraction, cfg.target_images)
     num_classes = len(read_manifest(data_dir)["class_map"])
     with block_order(cfg.patches.deterministic):
-        ds = _decoded_cases(data_dir, ids, cfg.patches.cpus_per_data_task).map(
+        ds = decoded_cases(data_dir, ids, cfg.patches.cpus_per_data_task).map(
             partial(_pretrain_case, labelled=frozenset(labelled), num_classes=num_classes),
             num_cpus=cfg.patches.cpus_per_data_task,
         )
@@ -240,107 +240,6 @@ def build_pretrain_dataset(data_dir, cfg: PretrainConfig, epoch_offset: int = 0)
             ds = ds.materialize()
         return ds.map_batches(
             partial(_pretrain_examples, cfg=cfg, epoch_offset=epoch_offset),
-            batch_size=1,
-            num_cpus=cfg.patches.cpus_per_data_task,
-        )
-
-
-def class_lookup(data_dir, source: str) -> tuple[np.ndarray, list[str]]:
-    """Global class id -> the target's own class index (0 = background), and the class names."""
-    manifest = read_manifest(data_dir)
-    classes = manifest["sources"][source]["annotated_classes"]  # name -> global id
-    names = ["background", *sorted(classes, key=classes.get)]
-    lut = np.zeros(256, dtype=np.uint8)
-    for local, name in enumerate(names[1:], start=1):
-        lut[classes[name]] = local
-    return lut, names
-
-
-def _finetune_case(row: dict, lut: np.ndarray) -> dict:
-    return {"case_id": row["case_id"], "image": row["image"], "label": lut[row["label"]]}
-
-
-CHUNK = 8  # patches per output block: the consumer starts on a case's first patches early
-
-
-def _segmentation_examples(batch: dict, p: PatchConfig, seed: int, repeats: int, epoch_offset: int):
-    """One case -> patches_per_case x repeats (image, label) patches, yielded in blocks of at
-    most CHUNK so that Ray Data streams them: with a small label fraction there are only a
-    few cases, and one large block per case kept the workers waiting for whole cases."""
-    case_id = str(_one(batch, "case_id"))
-    rng = case_rng(seed, case_id, epoch_index() + epoch_offset)
-    image, label = _one(batch, "image"), _one(batch, "label")
-    # the centres at once: drawing them scans the whole label volume
-    centres = sample_centres(label, p.patches_per_case * repeats, p.pos, p.neg, rng)
-    for start in range(0, len(centres), CHUNK):
-        images, labels = crop_patches(image, label, centres[start : start + CHUNK], p.patch_size)
-        # no mirroring: left and right tell spleen from liver, and a 32^3 patch sees little else
-        yield {"image": images[:, None], "label": labels[:, None]}
-
-
-def finetune_case_ids(
-    data_dir, label_fraction: float, source: str | None = None, subset: int = 0
-) -> list[str]:
-    """The training cases of a label fraction in nested subset ``subset``, exactly as
-    splits.json lists them (subset 0: ``label_fractions``)."""
-    source = target_source(data_dir, source)
-    splits = read_splits(data_dir)["sources"][source]
-    subsets = splits.get("label_subsets") or [splits["label_fractions"]]
-    if not 0 <= subset < len(subsets):
-        raise ValueError(
-            f"label subset {subset} is not in {locations.describe(data_dir)}'s splits.json "
-            f"(it has {len(subsets)}); prepare the data again with this version for more"
-        )
-    ids = subsets[subset].get(fraction_key(label_fraction))
-    if ids is None:
-        raise ValueError(
-            f"label fraction {label_fraction} is not in splits.json; prepare with --label-fractions"
-        )
-    return ids
-
-
-def finetune_epoch_size(data_dir, cfg) -> tuple[int, int]:
-    """(patches per epoch, repeats of each case) of a fine-tuning (a ``FinetuneConfig``): the
-    label fraction's cases x ``patches_per_case``, the cases repeated up to
-    ``min_patches_per_epoch`` patches. "full": up to what fine-tuning on every labelled training
-    case of the source takes, so that every label fraction gets the same number of steps."""
-    source = target_source(data_dir, cfg.source)
-    per_epoch = len(finetune_case_ids(data_dir, cfg.label_fraction, source, cfg.label_subset))
-    per_epoch *= cfg.patches.patches_per_case
-    floor = cfg.min_patches_per_epoch
-    if floor == "full":
-        floor = len(read_splits(data_dir)["sources"][source]["train"])
-        floor *= cfg.patches.patches_per_case
-    repeats = max(1, -(-floor // per_epoch))
-    return per_epoch * repeats, repeats
-
-
-def finetune_cases(data_dir, cfg: FinetuneConfig):
-    """Ray Dataset of the label-fraction cases, labels in the target's class indices."""
-    source = target_source(data_dir, cfg.source)
-    lut, _ = class_lookup(data_dir, source)
-    ids = finetune_case_ids(data_dir, cfg.label_fraction, source, cfg.label_subset)
-    return _decoded_cases(data_dir, ids, cfg.patches.cpus_per_data_task).map(
-        partial(_finetune_case, lut=lut), num_cpus=cfg.patches.cpus_per_data_task
-    )
-
-
-def build_finetune_dataset(data_dir, cfg: FinetuneConfig, epoch_offset: int = 0):
-    """The Ray Dataset of (image, label) patches of the label-fraction subset, one epoch."""
-    ids = finetune_case_ids(data_dir, cfg.label_fraction, cfg.source, cfg.label_subset)
-    _, repeats = finetune_epoch_size(data_dir, cfg)
-    with block_order(cfg.patches.deterministic):
-        ds = finetune_cases(data_dir, cfg)
-        if should_cache(data_dir, ids, cfg.patches.cache_cases):
-            ds = ds.materialize()
-        return ds.map_batches(
-            partial(
-                _segmentation_examples,
-                p=cfg.patches,
-                seed=cfg.optim.seed,
-                repeats=repeats,
-                epoch_offset=epoch_offset,
-            ),
             batch_size=1,
             num_cpus=cfg.patches.cpus_per_data_task,
         )

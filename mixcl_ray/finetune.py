@@ -1,136 +1,23 @@
 """Fine-tuning with a label fraction: ``python -m mixcl_ray.finetune --data OUT --label-fraction F``.
 
 Builds the segmentation network, loads pre-trained encoder/decoder weights (reporting what
-loaded), trains with MONAI DiceCE on the label-fraction subset that splits.json defines,
-validates with sliding-window inference and per-class Dice, and keeps the best checkpoint.
-Scratch is the same run without ``--pretrained``: every method gets the same budget.
+loaded), trains with MONAI DiceCE on the label-fraction subset that splits.json defines, under
+one protocol (augmented patches, the loaded parts held then ramped in, a moving average of the
+weights validated with sliding-window inference and per-class Dice and kept; docs/method.md).
+Scratch is the same run without ``--pretrained``: every method gets the same budget and schedule.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from data_prep import locations
 from data_prep.locations import Location, describe
 from mixcl_ray.config import FinetuneConfig, merge, to_dict
-from mixcl_ray.engine import Stage, StageJob
-from mixcl_ray.train_utils import autocast, gather
-
-BEST_FILE = "best_model.pt"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FinetuneJob(StageJob):
-    """What every fine-tuning worker gets besides the config."""
-
-    class_names: tuple[str, ...]
-    lut: tuple[int, ...]  # the source's label values -> the network's class indices
-    data_dir: str
-    val_ids: tuple[str, ...]
-    pretrained: str | None  # the pre-trained weights' file
-    model_card: dict  # what a prediction on a raw scan needs (mixcl_ray.predict)
-
-
-class FinetuneStage(Stage):
-    """DiceCE on the label fraction's patches; sliding-window validation Dice on this rank's
-    share of the validation cases, gathered on every rank; rank 0 keeps the best weights (on
-    CPU) and writes them into every checkpoint, so the last checkpoint always has them and no
-    local checkpoint folder has to outlive its upload."""
-
-    loss_name = "DiceCE"
-
-    def build(self):
-        from monai.losses import DiceCELoss
-
-        from data_prep.reader import load_case
-        from mixcl_ray.models import SegmentationNet, load_pretrained
-
-        job, cfg = self.job, self.cfg
-        model = SegmentationNet(cfg.model, num_classes=len(job.class_names))
-        self.load_report = None
-        if job.pretrained:
-            self.load_report = load_pretrained(model, job.pretrained, parts=cfg.pretrained_parts)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.best, self.best_weights, self.improved = {"dice": -1.0, "epoch": -1}, None, False
-        lut = np.asarray(job.lut, dtype=np.uint8)
-        self.val_cases = [
-            dict(c, label=lut[c["label"]])
-            for c in (load_case(job.data_dir, i) for i in job.val_ids[self.rank :: self.world])
-        ]
-        return model
-
-    def scaled_parameters(self, model):
-        parts = self.cfg.scaled_parts(bool(self.job.pretrained))
-        return [p for part in parts for p in getattr(model.backbone, part).parameters()], (
-            self.cfg.pretrained_lr_scale
-        )
-
-    def loss(self, model, batch, step):
-        loss = self.loss_fn(model(batch["image"]), batch["label"].long())
-        return loss, {"loss": loss}
-
-    def epoch_metrics(self):
-        if self.load_report is None:
-            return {}
-        return {"pretrained/loaded_tensors": len(self.load_report.loaded)}
-
-    def validate(self, model, epoch):
-        from mixcl_ray.evaluate import nan_mean, validate_cases
-
-        cfg, names = self.cfg, self.job.class_names
-        self.improved = False
-        if (epoch + 1) % cfg.val_every and epoch != cfg.optim.epochs - 1:
-            return {}
-        results = {}
-        for part in gather(
-            validate_cases(
-                model,
-                self.val_cases,
-                len(names),
-                cfg.patches.patch_size,
-                self.device,
-                cfg.sw_batch_size,
-                cfg.sw_overlap,
-                autocast(self.device, cfg.scaling.amp),
-            )
-        ):
-            results.update(part)
-        per_case = np.stack([results[k] for k in sorted(results)])  # (cases, classes - 1)
-        per_class = [nan_mean(per_case[:, c]) for c in range(per_case.shape[1])]
-        metrics = {"val/dice_mean": nan_mean(per_class)}
-        metrics.update({f"val/dice/{n}": d for n, d in zip(names[1:], per_class, strict=True)})
-        self.improved = metrics["val/dice_mean"] > self.best["dice"]
-        if self.improved:
-            self.best = {"dice": metrics["val/dice_mean"], "epoch": epoch}
-            if self.rank == 0:
-                weights = model.state_dict()
-                self.best_weights = {
-                    "model": {k: v.detach().cpu().clone() for k, v in weights.items()},
-                    **self.best,
-                }
-        metrics["val/best_dice_mean"] = self.best["dice"]
-        return metrics
-
-    def restore(self, extra, folder):
-        self.best = extra["best"]
-        if self.rank == 0 and (folder / BEST_FILE).exists():
-            self.best_weights = torch.load(
-                folder / BEST_FILE, map_location="cpu", weights_only=True
-            )
-
-    def checkpoint_extra(self):
-        return {"best": self.best}
-
-    def checkpoint_files(self, model):
-        if self.best_weights is None:
-            return {}
-        with_card = {**self.best_weights, "card": self.job.model_card}
-        return {BEST_FILE: lambda p: torch.save(with_card, p)}
+from mixcl_ray.finetune_stage import BEST_FILE, FinetuneJob, FinetuneStage
 
 
 @dataclass
@@ -156,12 +43,8 @@ def run_finetuning(
     """Fine-tune with Ray Train (Ray must be initialised); resumes a run of the same name."""
 
     from data_prep.reader import read_manifest, read_splits
-    from mixcl_ray.feed import (
-        build_finetune_dataset,
-        class_lookup,
-        finetune_epoch_size,
-        target_source,
-    )
+    from mixcl_ray.feed import target_source
+    from mixcl_ray.finetune_feed import build_finetune_dataset, class_lookup, finetune_epoch_size
     from mixcl_ray.fit import fit_stage
     from mixcl_ray.models import SegmentationNet, check_patch_size, load_pretrained
     from mixcl_ray.pretrain import PRETRAINED_FILE

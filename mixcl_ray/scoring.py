@@ -21,7 +21,8 @@ def test_scores(
     from data_prep.reader import load_case, read_splits
     from mixcl_ray.evaluate import nan_mean
     from mixcl_ray.evaluate import validate_cases as _validate
-    from mixcl_ray.feed import class_lookup, target_source
+    from mixcl_ray.feed import target_source
+    from mixcl_ray.finetune_feed import class_lookup
     from mixcl_ray.models import SegmentationNet
     from mixcl_ray.plots import overlay_png
 

@@ -16,9 +16,10 @@ from mixcl_ray.config import OptimConfig, ScalingSettings
 def build_optimizer(
     model: torch.nn.Module, optim: OptimConfig, scaled=(), lr_scale: float = 1.0
 ) -> torch.optim.Optimizer:
-    """AdamW at ``optim.lr``; the parameters in ``scaled`` (e.g. the pre-trained ones) form a
-    second group at ``lr_scale`` times that rate, which the schedule scales alike."""
-    slow = {id(p) for p in scaled} if lr_scale != 1 else set()
+    """AdamW at ``optim.lr``; the parameters in ``scaled`` (e.g. the loaded ones) form a second
+    group at ``lr_scale`` times that rate, which the schedule scales alike (and may hold and
+    ramp in: ``build_scheduler``)."""
+    slow = {id(p) for p in scaled}
     params = list(model.parameters())
     groups = [{"params": [p for p in params if id(p) not in slow]}]
     if slow:
@@ -52,11 +53,14 @@ def hardware(device: torch.device) -> str:
 
 
 def build_scheduler(
-    optimizer, optim: OptimConfig, steps_per_epoch: int
+    optimizer, optim: OptimConfig, steps_per_epoch: int, hold_ramp: tuple[float, float] = (0, 0)
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_epochs``, then cosine decay to 0 at the last step."""
+    """Linear warm-up over ``warmup_epochs``, then cosine decay to 0 at the last step. The
+    second parameter group, where there is one, is also held at 0 for ``hold_ramp[0]`` epochs
+    and then ramped linearly to its rate over ``hold_ramp[1]`` epochs."""
     total = max(1, optim.epochs * steps_per_epoch)
     warmup = int(optim.warmup_epochs * steps_per_epoch)
+    hold, ramp = (int(epochs * steps_per_epoch) for epochs in hold_ramp)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -64,7 +68,13 @@ def build_scheduler(
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def held_then_ramped(step: int) -> float:
+        if step < hold:
+            return 0.0
+        return factor(step) * min(1.0, (step - hold + 1) / max(1, ramp))
+
+    factors = [factor, held_then_ramped][: len(optimizer.param_groups)]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def autocast(device: torch.device, amp: str):
@@ -116,3 +126,23 @@ def gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def update_ema(ema, model, decay: float, steps: int, state: dict | None = None):
+    """One step of an exponential moving average of ``model``'s weights: returns (the average,
+    the steps it has seen). The first call copies ``model`` (then loads ``state``, a resumed
+    average). The decay starts low, ``min(decay, (1 + steps) / (10 + steps))``, so that the
+    first steps' weights do not dominate a short fit; buffers are copied as they are."""
+    import copy
+
+    if ema is None:
+        ema = copy.deepcopy(model).requires_grad_(False)
+        if state is not None:
+            ema.load_state_dict(state)
+    steps += 1
+    weight = 1 - min(decay, (1 + steps) / (10 + steps))
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), weight)
+        for mine, theirs in zip(ema.buffers(), model.buffers(), strict=True):
+            mine.copy_(theirs)
+    return ema, steps

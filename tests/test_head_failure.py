@@ -13,16 +13,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+from tests.pretrain_runs import printed_losses, small_pretrain
 from tests.servers import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
 OUTAGE_S = 10
 
@@ -109,47 +108,23 @@ def test_a_pretraining_survives_the_loss_of_its_heads_gcs(prepared_benchmark, tm
         started = head.communicate(timeout=120)[0]
         assert head.returncode == 0, started
         gcs_process(temp_dir)  # the head runs, its GCS backed by the Redis server
-        small = tmp_path / "small.yaml"
-        small.write_text("patches: {patches_per_case: 1, batch_size: 2}\n")
-        storage = tmp_path / "runs"
-        args = ["--data", str(prepared_benchmark), "--storage", str(storage)]
-        args += ["--epochs", str(EPOCHS), "--workers", "1", "--config", str(small)]
-        args += ["--address", f"127.0.0.1:{head_port}"]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mixcl_ray.pretrain", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        lines = []
 
-        def fault():
-            old, new = restart_gcs(temp_dir)
-            events.append((old, new))
+        def on_epoch(epoch: int) -> None:
+            if epoch == 1:  # epoch 2 runs through the outage
+                events.append(restart_gcs(temp_dir))
 
-        def read():
-            for line in proc.stdout:
-                lines.append(line)
-                if re.match(rf"pretrain epoch 1/{EPOCHS} ", line):  # epoch 2 runs through it
-                    threading.Thread(target=fault).start()
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        assert proc.wait(timeout=480) == 0, "".join(lines)[-4000:]
-        reader.join()
-        out = "".join(lines)
-        (tmp_path / "pretrain.log").write_text(out)
+        args = ["--address", f"127.0.0.1:{head_port}"]
+        code, out = small_pretrain(prepared_benchmark, tmp_path, EPOCHS, env, args, on_epoch, 480)
+        assert code == 0, out[-4000:]
         assert len(events) == 1, out  # the GCS was killed and started again during the fit
         ((old, new),) = events
         assert gcs_process(temp_dir) == new.pid != old
 
-        printed = re.findall(rf"^pretrain epoch (\d+)/{EPOCHS}  loss (\S+)", out, re.M)
-        assert [int(epoch) for epoch, _ in printed] == list(range(1, EPOCHS + 1)), out
+        printed = printed_losses(out, EPOCHS)
+        assert len(printed) == EPOCHS, out
         final = re.search(r"final checkpoint (\S+)", out).group(1)
         assert final.endswith(f"epoch_{EPOCHS - 1:04d}") and Path(final, "pretrained.pt").exists()
-        client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+        client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
         (run,) = client.search_runs(
             [client.get_experiment_by_name("mixcl_ray-pretrain").experiment_id]
         )
@@ -158,7 +133,7 @@ def test_a_pretraining_survives_the_loss_of_its_heads_gcs(prepared_benchmark, tm
             client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step
         )
         assert [m.step for m in history] == list(range(EPOCHS))
-        assert [round(m.value, 4) for m in history] == [float(loss) for _, loss in printed]
+        assert [round(m.value, 4) for m in history] == printed
     finally:
         for _, new in events:
             stop_group(new.pid)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mixcl_ray import tracking, tracking_access
@@ -484,7 +485,7 @@ def test_a_new_sweep_of_a_space_trains_its_trials_anew(ray_session, prepared_ben
 
 def test_pretrained_lr_scale_slows_the_loaded_parameters_only():
     """``pretrained_lr_scale``: the loaded parameters train at that multiple of the rate, the
-    schedule scaling both groups alike; at 1 (the default) there is one group, as before. As a
+    schedule scaling both groups alike; at 1 (the default) both groups have one rate. As a
     space dimension it sets the fine-tuning and is a param ("" for scratch, nothing loaded)."""
     from mixcl_ray.config import load_config
     from mixcl_ray.dimensions import stage_overrides, trial_params
@@ -507,13 +508,38 @@ def test_pretrained_lr_scale_slows_the_loaded_parameters_only():
         scheduler.step()
         main, pre = scheduler.get_last_lr()
         assert pre == pytest.approx(0.1 * main) and main > 0
-    assert len(build_optimizer(net, ft.optim, loaded, 1.0).param_groups) == 1
+    alike = build_optimizer(net, ft.optim, loaded, 1.0).param_groups
+    assert [group["lr"] for group in alike] == [ft.optim.lr, ft.optim.lr]
     ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
     pre = load_config("pretrain")
     assert trial_params({"method": "mixcl"}, pre, ft, **ctx)["pretrained_lr_scale"] == 0.1
     assert trial_params({"method": "scratch"}, None, ft, **ctx)["pretrained_lr_scale"] == ""
     with pytest.raises(ValueError, match="pretrained_lr_scale must be > 0"):
         load_config("finetune", overrides={"pretrained_lr_scale": 0})
+
+
+def test_the_loaded_parts_are_held_then_ramped_in_while_the_rest_follows_the_schedule():
+    """Fine-tuning's protocol: the second group (the loaded parts) learns at rate 0 for
+    ``encoder_hold_epochs``, then rises linearly over ``encoder_ramp_epochs`` to the rate of
+    the schedule, which the first group follows from step 0."""
+    from mixcl_ray.config import OptimConfig
+    from mixcl_ray.train_utils import build_optimizer, build_scheduler
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    optim = OptimConfig(epochs=4, lr=1.0, warmup_epochs=0)
+    optimizer = build_optimizer(net, optim, list(net[0].parameters()), 0.5)
+    scheduler = build_scheduler(optimizer, optim, steps_per_epoch=4, hold_ramp=(1.0, 1.0))
+    rates = []
+    for _ in range(12):
+        rates.append(scheduler.get_last_lr())
+        optimizer.step()
+        scheduler.step()
+    main, loaded = zip(*rates, strict=True)
+    assert loaded[:4] == (0.0,) * 4 and min(main[:4]) > 0.9  # held while the rest learns
+    ramp = [loaded[k] / (0.5 * main[k]) for k in range(4, 12)]
+    assert ramp == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1, 1, 1])  # then in step with it
+    single = build_optimizer(net, optim)  # no second group: the schedule alone
+    assert len(build_scheduler(single, optim, 4, hold_ramp=(1.0, 1.0)).get_last_lr()) == 1
 
 
 def test_scale_scratch_slows_a_fresh_encoder_as_a_control():

@@ -87,7 +87,7 @@ def test_fine_tuning_reads_the_subset_it_is_given(tmp_path):
     import json
 
     from data_prep import SCHEMA_VERSION
-    from mixcl_ray.feed import finetune_case_ids
+    from mixcl_ray.finetune_feed import finetune_case_ids
 
     splits = make_splits(_cases(40), seed=1)
     manifest = {"schema_version": SCHEMA_VERSION, "sources": {"a": {}}, "target_source": "a"}

@@ -5,16 +5,13 @@ the server is back, and those of the second, with the run's closing tags and sta
 later command finds the server again."""
 
 import os
-import re
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from mixcl_ray import tracking_buffer
+from tests.pretrain_runs import printed_losses, small_pretrain
 from tests.servers import (
     MLFLOW_RECIPE,
     free_port,
@@ -24,7 +21,6 @@ from tests.servers import (
     stop_server,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
 
 
@@ -100,22 +96,9 @@ def test_a_tracking_server_that_goes_away_mid_fit_loses_nothing(
     server = Server(tmp_path / "mlflow")
     server.start()
     pending = tmp_path / "pending"
-    small = tmp_path / "small.yaml"
-    small.write_text("patches: {patches_per_case: 1, batch_size: 2}\n")
-    args = ["--data", str(prepared_benchmark), "--storage", str(tmp_path / "runs")]
-    args += ["--epochs", str(EPOCHS), "--workers", "1", "--config", str(small)]
-    args += ["--experiment", "faults"]
     env = dict(os.environ, MLFLOW_TRACKING_URI=server.url, MIXCL_PENDING_DIR=str(pending))
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mixcl_ray.pretrain", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines, events = [], []
+    events = []
 
     def on_epoch(epoch: int) -> None:
         # first outage: from epoch 1's line to epoch 2's; the second from epoch 3's to the end
@@ -126,19 +109,9 @@ def test_a_tracking_server_that_goes_away_mid_fit_loses_nothing(
             server.start()
             events.append("started again")
 
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            seen = re.match(rf"pretrain epoch (\d+)/{EPOCHS} ", line)
-            if seen:
-                on_epoch(int(seen.group(1)))
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    assert proc.wait(timeout=800) == 0, "".join(lines)[-4000:]
-    reader.join()
-    out = "".join(lines)
-    (tmp_path / "pretrain.log").write_text(out)
+    args = ["--experiment", "faults"]
+    code, out = small_pretrain(prepared_benchmark, tmp_path, EPOCHS, env, args, on_epoch)
+    assert code == 0, out[-4000:]
     assert events == ["stopped after epoch 1", "started again", "stopped after epoch 3"], out
     assert "is incomplete" in out, out[-3000:]
     (kept,) = pending.glob("*.jsonl")  # the second outage's epochs and the closing, on disk
@@ -155,9 +128,7 @@ def test_a_tracking_server_that_goes_away_mid_fit_loses_nothing(
     assert "sent late" in run.data.tags[tracking_buffer.GAP_TAG]
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(EPOCHS)), history
-    printed = [
-        float(x) for x in re.findall(rf"^pretrain epoch \d+/{EPOCHS}  loss (\S+)", out, re.M)
-    ]
+    printed = printed_losses(out, EPOCHS)
     logged = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert logged == pytest.approx(printed, abs=1e-4)
     server.stop()

@@ -21,15 +21,14 @@ from mixcl_ray.checkpoints import SNAPSHOT_FILE, load_checkpoint_state, resume_e
 from mixcl_ray.config import FinetuneConfig, load_config, merge
 from mixcl_ray.engine import FAIL_AFTER_EPOCH_ENV
 from mixcl_ray.evaluate import dice_per_class, nan_mean, predict_volume, validate_cases
-from mixcl_ray.feed import (
+from mixcl_ray.feed import pretraining_cases, target_source
+from mixcl_ray.finetune import BEST_FILE, run_finetuning
+from mixcl_ray.finetune_feed import (
     class_lookup,
     finetune_case_ids,
     finetune_cases,
     finetune_epoch_size,
-    pretraining_cases,
-    target_source,
 )
-from mixcl_ray.finetune import BEST_FILE, run_finetuning
 from mixcl_ray.models import MixCLModel, SegmentationNet, load_pretrained
 from mixcl_ray.pretrain import run_pretraining
 from mixcl_ray.train_utils import hardware
@@ -246,6 +245,7 @@ def test_interrupted_finetuning_keeps_its_best_weights_and_ends_as_an_uninterrup
             # that the resume restores as well
             "pretrained_lr_scale": 0.5,
             "scale_scratch": True,
+            "selection": "best",  # ("last" is the default)
         },
     )
     with pytest.raises(Exception, match="injected failure"), failing_after_epoch(0):
@@ -254,9 +254,11 @@ def test_interrupted_finetuning_keeps_its_best_weights_and_ends_as_an_uninterrup
     result = run_finetuning(prepared_benchmark, tmp_path, config, name="ft")  # resumes
     assert [h["epoch"] for h in result.history] == [0, 1]
     assert result.history[-1]["resumed_from_epoch"] == 1
-    assert all(
-        h["train/lr_pretrained"] == pytest.approx(0.5 * h["train/lr"]) for h in result.history
-    )
+    # the rate after each epoch's 3 steps: held through epoch 0, then ramped in over epoch 1
+    # (a third of the way after its first step; the schedule ends at 0)
+    first, last = result.history
+    assert first["train/lr_pretrained"] == pytest.approx(0.5 * first["train/lr"] / 3)
+    assert first["train/lr"] > 0 and last["train/lr_pretrained"] == last["train/lr"] == 0
     # the resumed run carries the best weights so far into its checkpoint, improved or not
     dice = [h["val/dice_mean"] for h in result.history]
     best = torch.load(result.best_model, weights_only=True)
@@ -268,7 +270,10 @@ def test_interrupted_finetuning_keeps_its_best_weights_and_ends_as_an_uninterrup
     # each of the two workers, in every run and after a resume, so the same command run
     # without the interruption ends with the very same weights
     straight = run_finetuning(prepared_benchmark, tmp_path, config, name="straight")
-    assert [h["train/loss"] for h in straight.history] == [h["train/loss"] for h in result.history]
+    for key in ("train/loss", "val/dice_mean"):  # validated: the weights' moving average
+        assert [h[key] for h in straight.history] == [h[key] for h in result.history]
+    kept = torch.load(straight.best_model, weights_only=True)["model"]
+    assert all(torch.equal(kept[k], best["model"][k]) for k in kept)
     ours, theirs = (load_checkpoint_state(r.checkpoint)["model"] for r in (result, straight))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
@@ -343,7 +348,7 @@ def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_
     table = metrics["per_case"]  # each test case's Dice, whose organ mean is test/dice_mean
     assert len(table["case_id"]) == metrics["test/cases"] == len(table["dice/spleen"])
     assert np.nanmean(table["dice/spleen"]) == pytest.approx(metrics["test/dice/spleen"])
-    assert max(dice) == pytest.approx(result.metrics["val/best_dice_mean"])
+    assert dice[-1] == pytest.approx(result.metrics["val/best_dice_mean"])  # selection "last"
 
 
 def test_full_epochs_give_every_label_fraction_the_steps_of_all_labels(prepared_benchmark):

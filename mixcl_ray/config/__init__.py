@@ -18,6 +18,7 @@ from mixcl_ray.config.core import (
 )
 from mixcl_ray.config.stages import (
     PRESETS,
+    AugmentConfig,
     FinetuneConfig,
     OptimConfig,
     PatchConfig,
@@ -27,6 +28,7 @@ from mixcl_ray.config.stages import (
 )
 
 __all__ = [
+    "AugmentConfig",
     "BACKBONES",
     "DENSE_SOURCES",
     "METHODS",

@@ -151,6 +151,30 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """What fine-tuning does to every training patch, every method alike: changes anatomy
+    allows. No flips: mirrored, the liver and the spleen swap sides."""
+
+    intensity_scale: float = 0.1  # the image times U(1 - s, 1 + s)
+    intensity_shift: float = 0.1  # then plus U(-s, s), in normalised intensity units
+    rotate_deg: float = 10.0  # a rotation about each axis of up to this many degrees
+    zoom: float = 0.1  # an isotropic scaling by U(1 - z, 1 + z)
+
+    def __post_init__(self):
+        _check(
+            min(self.intensity_scale, self.intensity_shift, self.rotate_deg, self.zoom) >= 0
+            and self.intensity_scale < 1
+            and self.zoom < 1,
+            "augment: every setting must be >= 0, intensity_scale and zoom < 1",
+        )
+
+    @property
+    def moves(self) -> bool:
+        """Whether patches are resampled (rotated or scaled) at all."""
+        return self.rotate_deg > 0 or self.zoom > 0
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     patches: PatchConfig = field(default_factory=lambda: PatchConfig(patches_per_case=16))
@@ -183,6 +207,19 @@ class FinetuneConfig:
     val_every: int = 1  # epochs between validations (the last epoch always validates)
     sw_batch_size: int = 4  # sliding-window inference: windows per forward pass
     sw_overlap: float = 0.25  # sliding-window inference: overlap of neighbouring windows
+    # augmentation of the training patches (docs/method.md, fine-tuning protocol)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # the parts fine-tuning loads (pretrained_parts) learn at rate 0 for this many epochs while
+    # the fresh decoder and head learn, in a run from scratch too (the control)
+    encoder_hold_epochs: float = 1.0
+    # the loaded parts' rate then rises linearly to its full value over this many epochs
+    encoder_ramp_epochs: float = 1.0
+    # the weights validated and kept are an exponential moving average of the trained ones,
+    # updated every step with this decay; 0: the trained weights themselves
+    ema_decay: float = 0.99
+    # which validated weights become the model: "last" (the last epoch's) or "best" (the best
+    # validation Dice of the run: on a small validation set, the height of a noisy peak)
+    selection: str = "last"
 
     @property
     def pretrained_parts(self) -> tuple[str, ...]:
@@ -215,6 +252,15 @@ class FinetuneConfig:
         _check(
             self.pretrained_lr_scale > 0,
             f"pretrained_lr_scale must be > 0, got {self.pretrained_lr_scale}",
+        )
+        _check(
+            self.encoder_hold_epochs >= 0 and self.encoder_ramp_epochs >= 0,
+            "encoder_hold_epochs and encoder_ramp_epochs must be >= 0",
+        )
+        _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(
+            self.selection in ("last", "best"),
+            f"selection must be 'last' or 'best', got {self.selection!r}",
         )
 
 
