@@ -180,6 +180,29 @@ def _check_stage_overrides(spec: SweepSpec, path: Path) -> None:
             raise SpaceError(f"{path}: {stage}: {err}") from None
 
 
+def make_scheduler(spec):
+    """ASHA on the per-epoch validation reports, or None.
+
+    Tune's ASHA stops a trial as soon as it reports ``max_t`` iterations, which would cut a
+    surviving trial off before its test score and its MLflow run are written. Unless the space
+    asks for a shorter budget, ``max_t`` is therefore one past the last fine-tuning epoch: the
+    rungs still lie within the fit, and a trial that passes them all finishes on its own.
+    """
+    from ray import tune
+
+    from mixcl_ray.config import load_config
+
+    if spec.scheduler.get("type") != "asha":
+        return None
+    epochs = load_config("finetune", spec.preset, overrides=spec.finetune or None).optim.epochs
+    max_t = spec.scheduler.get("max_t")
+    return tune.schedulers.ASHAScheduler(
+        time_attr="training_iteration",  # one report per epoch, counted from 1
+        max_t=epochs + 1 if max_t is None or max_t >= epochs else max_t,
+        **{k: spec.scheduler.get(k, v) for k, v in ASHA_DEFAULTS.items()},
+    )
+
+
 def make_search(spec: SweepSpec):
     """The Tune search algorithm of a space, seeded by ``search_seed`` when it is set and
     running at most ``resources.max_concurrent_trials`` trials at once (Tune ignores its own

@@ -22,10 +22,10 @@ from data_prep import locations
 from data_prep.locations import Location, describe
 from mixcl_ray import tracking, tracking_access
 from mixcl_ray.spaces import (
-    ASHA_DEFAULTS,
     SPACES_DIR,
     SpaceError,
     load_space,
+    make_scheduler,
     make_search,
     to_tune_space,
 )
@@ -53,29 +53,6 @@ def resolve_data(spec_data: str | None, data) -> Location:
     print(f"data: the built-in synthetic benchmark, prepared in {out}")
     prepare([default_benchmark()], out)
     return out
-
-
-def make_scheduler(spec):
-    """ASHA on the per-epoch validation reports, or None.
-
-    Tune's ASHA stops a trial as soon as it reports ``max_t`` iterations, which would cut a
-    surviving trial off before its test score and its MLflow run are written. Unless the space
-    asks for a shorter budget, ``max_t`` is therefore one past the last fine-tuning epoch: the
-    rungs still lie within the fit, and a trial that passes them all finishes on its own.
-    """
-    from ray import tune
-
-    from mixcl_ray.config import load_config
-
-    if spec.scheduler.get("type") != "asha":
-        return None
-    epochs = load_config("finetune", spec.preset, overrides=spec.finetune or None).optim.epochs
-    max_t = spec.scheduler.get("max_t")
-    return tune.schedulers.ASHAScheduler(
-        time_attr="training_iteration",  # one report per epoch, counted from 1
-        max_t=epochs + 1 if max_t is None or max_t >= epochs else max_t,
-        **{k: spec.scheduler.get(k, v) for k, v in ASHA_DEFAULTS.items()},
-    )
 
 
 def _sweep_state(storage: Location, space_name: str) -> Location:

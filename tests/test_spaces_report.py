@@ -75,7 +75,7 @@ def test_space_errors_name_the_file_and_the_key(tmp_path, text, message):
 def test_asha_lets_a_surviving_trial_finish_its_fit(tmp_path):
     """Tune's ASHA stops a trial that reports max_t iterations; with max_t equal to the epochs
     the best trial would be cut off before its test score, so max_t is one past them."""
-    from mixcl_ray.tune import make_scheduler
+    from mixcl_ray.spaces import make_scheduler
 
     path = tmp_path / "asha.yaml"
     body = "space: {seed: 0}\nfinetune: {optim: {epochs: 6}}\nscheduler: "
