@@ -16,16 +16,8 @@ from mixcl_ray.config.core import (
     loss_config_for,
     method_weights,
 )
-from mixcl_ray.config.stages import (
-    PRESETS,
-    AugmentConfig,
-    FinetuneConfig,
-    OptimConfig,
-    PatchConfig,
-    PretrainConfig,
-    ScalingSettings,
-    load_config,
-)
+from mixcl_ray.config.parts import AugmentConfig, OptimConfig, PatchConfig, ScalingSettings
+from mixcl_ray.config.stages import PRESETS, FinetuneConfig, PretrainConfig, load_config
 
 __all__ = [
     "AugmentConfig",
