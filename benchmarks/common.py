@@ -14,20 +14,22 @@ def parser(doc: str) -> argparse.ArgumentParser:
     out = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    out.add_argument("--data", type=Path, help="prepared folder (default: the built-in benchmark)")
+    out.add_argument(
+        "--data",
+        help="prepared folder, or builtin:SIZE (default: builtin:small, the built-in benchmark)",
+    )
     return out
 
 
-def ensure_data(data: Path | None) -> Path:
-    """``data``, or the built-in benchmark prepared into the cache (as the demo study does)."""
-    if data is not None:
-        return Path(data).absolute()
-    from data_prep.cli import DEFAULT_CACHE, default_benchmark
-    from data_prep.prepare import prepare
+def ensure_data(data: Path | str | None) -> Path:
+    """``data``: a prepared folder, or ``builtin:SIZE``; by default the built-in benchmark
+    prepared into the cache (as the demo study does)."""
+    from data_prep.cli import BUILTIN, prepared_benchmark
 
-    out = DEFAULT_CACHE / "prepared-small-seed0"
-    prepare([default_benchmark()], out, progress=False)
-    return out
+    chosen = str(data) if data is not None else f"{BUILTIN}small"
+    if chosen.startswith(BUILTIN):
+        return prepared_benchmark(chosen[len(BUILTIN) :], progress=False)
+    return Path(chosen).absolute()
 
 
 def machine() -> str:

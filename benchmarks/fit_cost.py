@@ -55,7 +55,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
     print(common.machine(), flush=True)
-    data = common.ensure_data(args.data)
 
     from mixcl_ray.config import deep_merge, load_config
     from mixcl_ray.finetune import run_finetuning
@@ -63,6 +62,7 @@ def main() -> None:
     from mixcl_ray.spaces import load_space
 
     spec = load_space(args.space)
+    data = common.ensure_data(args.data or spec.data)  # the study's own data by default
     overrides = deep_merge(
         spec.finetune,
         {

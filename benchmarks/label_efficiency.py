@@ -1,16 +1,17 @@
 """Label efficiency on the built-in benchmark: validation and test Dice of the target organ at
 5 %, 15 % and 100 % of its labels, for scratch, identity only, label only, reconstruction only
-and MixCL, mean ± std over three seeds (the CPU preset), with the check of the target:
+and MixCL, mean ± std over seeds and subsets (the CPU preset), with the check of the target:
 
     MixCL at 5 % >= scratch at 5 % + 5 Dice points, and >= every single-term baseline at 5 %.
 
-It runs the study ``tune_spaces/label_efficiency.yaml`` with ``python -m mixcl_ray.tune`` (45
-fine-tunings, 12 pre-trainings; every fine-tuning trains for as many steps as the 100 % one,
-about 5 minutes each, so about 5 hours on two CPU cores; ``--resume`` continues an interrupted
-one), then reads the finished trials from MLflow, prints both tables and saves the plot.
+It runs the study ``tune_spaces/label_efficiency.yaml`` with ``python -m mixcl_ray.tune`` (on the
+``study`` benchmark: 90 fine-tunings, 5 methods x 3 fractions x 3 labelled subsets x 2 seeds, and
+8 pre-trainings; every fine-tuning trains for as many steps as the 100 % one, about 4.5 minutes
+each, so about 7 hours on two CPU cores; ``--resume`` continues an interrupted one), then reads
+the finished trials from MLflow, prints both tables and saves the plot.
 
     python benchmarks/label_efficiency.py [--storage runs/label-efficiency] [--resume]
-    python benchmarks/label_efficiency.py --seeds 0 [--resume]     # one seed: 15 cells, ~1h40
+    python benchmarks/label_efficiency.py --seeds 0 [--resume]     # one seed: 45 cells, ~3h30
     python benchmarks/label_efficiency.py --seeds 2 --methods scratch label   # part of a seed
     python benchmarks/label_efficiency.py --methods identity --fractions 0.05  # target cells
     python benchmarks/label_efficiency.py --space label_efficiency_slow_encoder --seeds 0

@@ -166,7 +166,7 @@ class LoadCase(Transform):
     def __init__(self, data: Path, labelled: frozenset, num_classes: int):
         from data_prep.reader import read_manifest
 
-        self.data, self.labelled, self.classes = data, labelled, num_classes
+        self.data, self.labelled, self.classes = Path(data), labelled, num_classes
         self.shards = {i: c["shard"] for i, c in read_manifest(data)["cases"].items()}
 
     def __call__(self, item: dict) -> dict:

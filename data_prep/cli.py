@@ -14,6 +14,9 @@ from data_prep.preprocess import PRESETS
 DEFAULT_CACHE = Path(os.environ.get("MIXCL_RAY_CACHE", Path.home() / ".cache" / "mixcl_ray"))
 
 
+BUILTIN = "builtin:"  # a space's or --data's name for a built-in benchmark: builtin:SIZE
+
+
 def default_benchmark(seed: int = 0, size: str = "small", progress: bool = True) -> Path:
     """The built-in synthetic benchmark, generated into the cache on first use."""
     from data_prep.synthetic import generate
@@ -23,6 +26,24 @@ def default_benchmark(seed: int = 0, size: str = "small", progress: bool = True)
         print(f"generating the built-in synthetic benchmark into {path}", file=sys.stderr)
         generate(path, seed=seed, size=size, progress=progress)
     return path
+
+
+def prepared_benchmark(size: str = "small", seed: int = 0, progress: bool = True) -> Path:
+    """The built-in benchmark of ``size`` prepared into the cache (generated first if needed),
+    split with that size's validation and test shares; reused once prepared."""
+    from data_prep.prepare import PrepareOptions, prepare
+    from data_prep.synthetic import SPLIT_RATIOS
+
+    if size not in SPLIT_RATIOS:
+        raise ValueError(
+            f"unknown built-in benchmark {BUILTIN}{size}; choose one of "
+            + ", ".join(BUILTIN + s for s in SPLIT_RATIOS)
+        )
+    val_ratio, test_ratio = SPLIT_RATIOS[size]
+    out = DEFAULT_CACHE / f"prepared-{size}-seed{seed}"
+    options = PrepareOptions(seed=seed, val_ratio=val_ratio, test_ratio=test_ratio)
+    prepare([default_benchmark(seed, size, progress)], out, options, progress=progress)
+    return out
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -54,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     syn.add_argument(
         "--size",
-        choices=["small", "medium"],
+        choices=["small", "medium", "study"],
         default="small",
-        help="small: ~86 small volumes, a whole study runs in minutes on 2 CPU cores",
+        help="small: 86 small volumes, a study cell runs in minutes on 2 CPU cores; study: the "
+        "same volumes with 90 target cases (prepare it with 10 validation and 30 test cases: "
+        "python -m mixcl_ray.tune --data builtin:study does); medium: larger volumes",
     )
     syn.add_argument(
         "--max-cases",

@@ -23,7 +23,11 @@ ORGAN_HU = {
 ORGAN_ORDER = ("liver", "stomach", "pancreas", "spleen", "kidney_left", "kidney_right", "aorta")
 
 
-EXTENT_MM = {"small": (150.0, 126.0, 100.0), "medium": (230.0, 190.0, 160.0)}
+EXTENT_MM = {
+    "small": (150.0, 126.0, 100.0),
+    "medium": (230.0, 190.0, 160.0),
+    "study": (150.0, 126.0, 100.0),  # small volumes, more target cases (synthetic.SOURCES)
+}
 
 
 def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:

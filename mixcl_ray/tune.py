@@ -36,23 +36,23 @@ DEFAULT_SPACE = SPACES_DIR / "demo.yaml"
 
 def resolve_data(spec_data: str | None, data) -> Location:
     """--data, else the space's data, else the built-in benchmark prepared into the cache. A
-    folder or an object-store URI."""
-    from data_prep.cli import DEFAULT_CACHE, default_benchmark
-    from data_prep.prepare import prepare
+    folder, an object-store URI, or ``builtin:SIZE`` (a built-in benchmark, prepared on first
+    use)."""
+    from data_prep.cli import BUILTIN, prepared_benchmark
 
-    chosen = data or spec_data
-    if chosen is not None:
-        chosen = locations.as_location(chosen)
-        if not locations.exists(locations.join(chosen, "manifest.json")):
-            raise ValueError(
-                f"{describe(chosen)} is not a prepared folder: run `python -m data_prep prepare "
-                f"--out {describe(chosen)}` first"
-            )
-        return chosen
-    out = DEFAULT_CACHE / "prepared-small-seed0"
-    print(f"data: the built-in synthetic benchmark, prepared in {out}")
-    prepare([default_benchmark()], out)
-    return out
+    chosen = data or spec_data or f"{BUILTIN}small"
+    if isinstance(chosen, str) and chosen.startswith(BUILTIN):
+        size = chosen[len(BUILTIN) :]
+        out = prepared_benchmark(size, progress=True)
+        print(f"data: the built-in synthetic benchmark ({size}), prepared in {out}")
+        return out
+    chosen = locations.as_location(chosen)
+    if not locations.exists(locations.join(chosen, "manifest.json")):
+        raise ValueError(
+            f"{describe(chosen)} is not a prepared folder: run `python -m data_prep prepare "
+            f"--out {describe(chosen)}` first"
+        )
+    return chosen
 
 
 def _sweep_state(storage: Location, space_name: str) -> Location:
@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data",
-        help="prepared folder or object-store URI (default: the space's data, else the built-in "
-        "benchmark)",
+        help="prepared folder, object-store URI, or builtin:SIZE for a built-in benchmark "
+        "(builtin:small, builtin:study; default: the space's data, else builtin:small)",
     )
     parser.add_argument(
         "--num-samples", type=int, help="samples per grid point (default: the space's)"

@@ -6,8 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.phantom import ORGAN_HU, make_phantom
-from data_prep.synthetic import SOURCES, TARGET, generate
+from data_prep.phantom import EXTENT_MM, ORGAN_HU, make_phantom
+from data_prep.splits import split_source
+from data_prep.synthetic import SOURCES, SPLIT_RATIOS, TARGET, generate
 
 
 def _arrays(root):
@@ -64,3 +65,34 @@ def test_flipped_sources_store_the_same_world_anatomy(synthetic_benchmark):
     path = next((synthetic_benchmark / flipped.folder).rglob("*.nii.gz"))
     affine = nib.load(path).affine
     assert affine[0, 0] < 0 and affine[1, 1] < 0 and affine[2, 2] > 0
+
+
+@pytest.mark.parametrize("size", sorted(SPLIT_RATIOS))
+def test_every_size_keeps_the_target_organ_out_of_pretraining(size):
+    """The design rule: the target organ is labelled by the target task only, at every size."""
+    target_organs = set(SOURCES[0].labels)
+    assert SOURCES[0].folder == TARGET
+    for spec in SOURCES[1:]:
+        assert not target_organs & set(spec.labels), spec.folder
+        assert spec.cases[size] > 0
+
+
+def test_study_benchmark_has_power_at_cpu_cost():
+    """The study size: at least 10 validation and 30 test cases of the target, and every seeded
+    label subset has at least two labelled cases at 5 %, nested in 15 % and 100 %; its volumes
+    are the small ones."""
+    val_ratio, test_ratio = SPLIT_RATIOS["study"]
+    spec = SOURCES[0]
+    cases = [(f"{TARGET}/case_{i:03d}", True, None) for i in range(spec.cases["study"])]
+    split = split_source(TARGET, cases, seed=0, val_ratio=val_ratio, test_ratio=test_ratio)
+    assert len(split["val"]) >= 10 and len(split["test"]) >= 30
+    assert len(split["train"]) == spec.cases["study"] - len(split["val"]) - len(split["test"])
+    assert len(split["label_subsets"]) >= 3
+    firsts = set()
+    for subset in split["label_subsets"]:
+        five, fifteen, full = (set(subset[k]) for k in ("0.05", "0.15", "1"))
+        assert len(five) >= 2
+        assert five <= fifteen <= full == set(split["train"])
+        firsts.add(tuple(sorted(five)))
+    assert len(firsts) == len(split["label_subsets"])  # different labelled cases per subset
+    assert EXTENT_MM["study"] == EXTENT_MM["small"]
