@@ -1,25 +1,30 @@
 """Label efficiency on the built-in benchmark: validation and test Dice of the target organ at
 5 %, 15 % and 100 % of its labels, for scratch, identity only, label only, reconstruction only
-and MixCL, mean ± std over seeds and subsets (the CPU preset), with the check of the target:
+and MixCL, over labelled subsets and seeds (the CPU preset); each method's paired difference to
+scratch (same subset, same seed) with a 95 % interval (``mixcl_ray.paired``), and the targets,
+each read from a paired interval:
 
-    MixCL at 5 % >= scratch at 5 % + 5 Dice points, and >= every single-term baseline at 5 %.
+    MixCL at 5 %: scratch + 5 Dice points or more, the interval's lower end above 0, and ahead
+    of every single-term method; at 15 % ahead of scratch; at 100 % the lower end -2 points or
+    higher.
 
 It runs the study ``tune_spaces/label_efficiency.yaml`` with ``python -m mixcl_ray.tune`` (on the
 ``study`` benchmark: 90 fine-tunings, 5 methods x 3 fractions x 3 labelled subsets x 2 seeds, and
 8 pre-trainings; every fine-tuning trains for as many steps as the 100 % one, about 4.5 minutes
 each, so about 7 hours on two CPU cores; ``--resume`` continues an interrupted one), then reads
-the finished trials from MLflow, prints both tables and saves the plot.
+the finished trials from MLflow, prints the tables and saves the plot of the paired differences
+next to the results file (``label_efficiency.png``).
 
     python benchmarks/label_efficiency.py [--storage runs/label-efficiency] [--resume]
     python benchmarks/label_efficiency.py --seeds 0 [--resume]     # one seed: 45 cells, ~3h30
-    python benchmarks/label_efficiency.py --seeds 2 --methods scratch label   # part of a seed
+    python benchmarks/label_efficiency.py --seeds 1 --methods scratch label   # part of a seed
     python benchmarks/label_efficiency.py --methods identity --fractions 0.05  # target cells
     python benchmarks/label_efficiency.py --space label_efficiency_slow_encoder --seeds 0
     python benchmarks/label_efficiency.py --report-only [--experiment NAME] [--tracking-uri URI]
 
 The study spans sessions and machines: ``--seeds`` runs part of the seed grid as its own sweep,
-and every finished cell (method, label fraction, seed: validation and test Dice, the commit)
-is recorded in ``--results`` (default ``benchmarks/results/label_efficiency.json``, kept in the
+and every finished cell (method, label fraction, labelled subset, seed: validation and test
+Dice, test Dice per case, the commit) is recorded in ``--results``, with the paired summary (default ``benchmarks/results/label_efficiency.json``, kept in the
 repository; another study space, such as ``label_efficiency_slow_encoder``, has its own file
 named after it). The tables are drawn from that file merged with the latest sweep, so the seeds
 run on different days add up; a file recorded with other study settings is refused, not
@@ -52,13 +57,12 @@ from study_results import (
     space_file,
     space_option,
     split_by_weights,
+    target_lines,
 )
 
 from data_prep import locations
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET_GAIN = 0.05  # Dice points (0.05 = 5 points) over scratch at the smallest label fraction
-SINGLE_TERMS = ("identity", "label", "reconstruction")
 
 
 def settings_key(space: Path, data: str | None) -> str:
@@ -108,44 +112,12 @@ def seed_space(
     return out
 
 
-def target_check(summary: dict, gain: float = TARGET_GAIN) -> list[str]:
-    """Lines that say whether MixCL at the smallest label fraction beats scratch by ``gain`` and
-    every single-term baseline (means over seeds); what is missing is said, not guessed."""
-    mixcl = summary.get("mixcl", {})
-    if not mixcl:
-        return ["target: no MixCL result"]
-    smallest = min(mixcl)
-    ours = mixcl[smallest][0]
-    lines = []
-    scratch = summary.get("scratch", {}).get(smallest)
-    if scratch is None:
-        lines.append(f"target vs scratch: no scratch result at {100 * smallest:g} %")
-    else:
-        met = ours >= scratch[0] + gain
-        lines.append(
-            f"target vs scratch at {100 * smallest:g} %: MixCL {ours:.3f} vs scratch "
-            f"{scratch[0]:.3f} + {gain:.2f} -> {'met' if met else 'not met'} "
-            f"(gain {ours - scratch[0]:+.3f})"
-        )
-    for method in SINGLE_TERMS:
-        other = summary.get(method, {}).get(smallest)
-        if other is None:
-            lines.append(f"target vs {method}: no result at {100 * smallest:g} %")
-            continue
-        met = ours >= other[0]
-        lines.append(
-            f"target vs {method} at {100 * smallest:g} %: MixCL {ours:.3f} vs {other[0]:.3f} -> "
-            f"{'met' if met else 'not met'}"
-        )
-    return lines
-
-
 def latest_rows(tracking_uri: str, experiment: str, since: float | None = None) -> list[dict]:
     """The finished cells of the experiment's latest sweep; [] when there is none, or when it
     started before ``since`` (seconds since the epoch: a study that failed before its sweep
     began has no cells of its own)."""
     from mixcl_ray import tracking
-    from mixcl_ray.report import collect
+    from mixcl_ray.report import collect, with_per_case
 
     try:
         rows, parent_id = collect(tracking_uri, experiment)
@@ -155,26 +127,30 @@ def latest_rows(tracking_uri: str, experiment: str, since: float | None = None) 
         started = tracking._client(tracking_uri).get_run(parent_id).info.start_time
         if started < since * 1000:
             return []
-    return rows
+    return with_per_case(tracking_uri, rows)
 
 
-def report(rows: list[dict], out_dir: Path) -> None:
-    from mixcl_ray.plots import label_efficiency_png
+def report(cells: list[dict], out_dir: Path, plot: Path) -> None:
+    """The tables (means ± std of validation and test Dice), the paired comparison to scratch
+    with its intervals, the targets, and the plot of the paired differences at ``plot``."""
+    from mixcl_ray import paired
+    from mixcl_ray.plots import label_efficiency_png, paired_png
     from mixcl_ray.report import hardware_line, render_table, summarise
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(hardware_line(rows))
+    print(hardware_line(cells))
     for key, name in (("val", "validation"), ("test", "test")):
-        summary = summarise(rows, key)
+        summary = summarise(cells, key)
         print()
-        if key == "test":
-            print("test split, best validation epoch's weights")
         print(render_table(summary, split=name.capitalize()))
-        for line in target_check(summary):
-            print(f"{name} {line}")
-        plot = out_dir / f"label_efficiency_{key}.png"
-        label_efficiency_png(summary, plot, f"{name} Dice (mean over organs)")
-        print(f"plot: {plot}")
+        label_efficiency_png(summary, out_dir / f"label_efficiency_{key}.png", f"{name} Dice")
+    entries = paired.summary(cells)
+    print()
+    print(paired.render(entries))
+    print()
+    print("\n".join(target_lines(cells)))
+    paired_png(entries, plot)
+    print(f"plot: {plot}")
 
 
 def main() -> None:
@@ -255,7 +231,7 @@ def main() -> None:
         cells = merge_cells(cells, split_by_weights(latest_rows(uri, args.experiment))[0])
     if not cells:
         raise SystemExit(f"no finished trial of {args.experiment!r} in MLflow or {args.results}")
-    report(cells, args.storage / "label-efficiency-report")
+    report(cells, args.storage / "label-efficiency-report", args.results.with_suffix(".png"))
     full = space_file(args.space)
     missing = missing_cells(full, cells)
     if missing and load_space(full).experiment == args.experiment:

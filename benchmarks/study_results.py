@@ -1,7 +1,9 @@
 """The label-efficiency study's results file: every finished cell (method, label fraction,
-seed: validation and test Dice, the commit, the hardware, the pre-training's loss weights) of
-one study space and its settings, merged across runs, sessions and machines, and the commands
-that run the cells still missing. Used by ``label_efficiency.py``.
+labelled subset, seed: validation and test Dice, test Dice per case, the commit, the hardware,
+the pre-training's loss weights) of one study space and its settings, merged across runs,
+sessions and machines; each method's loss weights and the paired summary (each method's mean
+difference to scratch with its 95 % interval); and the commands that run the cells still
+missing. Used by ``label_efficiency.py``.
 """
 
 from __future__ import annotations
@@ -110,11 +112,34 @@ def weights_changed(cells: list[dict]) -> str:
     )
 
 
+def _subset(cell: dict) -> str:
+    """A cell's labelled subset ("0" for a cell recorded before studies had several)."""
+    return str(cell.get("label_subset") or "0")
+
+
 def merge_cells(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` with ``new`` added; a cell run again (same method, label fraction and seed)
-    replaces the recorded one. Sorted by seed, method, label fraction."""
-    cells = {(c["method"], float(c["label_fraction"]), str(c["seed"])): c for c in old + new}
-    return sorted(cells.values(), key=lambda c: (str(c["seed"]), c["method"], c["label_fraction"]))
+    """``old`` with ``new`` added; a cell run again (same method, label fraction, subset and
+    seed) replaces the recorded one. Sorted by seed, method, label fraction, subset."""
+    cells = {
+        (c["method"], float(c["label_fraction"]), _subset(c), str(c["seed"])): c for c in old + new
+    }
+    return sorted(
+        cells.values(),
+        key=lambda c: (str(c["seed"]), c["method"], c["label_fraction"], _subset(c)),
+    )
+
+
+def study_summary(cells: list[dict]) -> dict:
+    """What the results file says of the study besides its cells: each method's loss weights
+    (``methods``) and the paired comparison to scratch (``summary``, differences as Dice
+    fractions, scratch's own mean in a row of its own)."""
+    from mixcl_ray import paired
+
+    names = sorted({c["method"] for c in cells})
+    methods = {
+        m: dict(zip(("l_id", "l_label", "l_rec"), method_weights(m), strict=True)) for m in names
+    }
+    return {"methods": methods, "summary": paired.summary(cells)}
 
 
 def record(
@@ -129,6 +154,7 @@ def record(
             "method": r["method"],
             "label_fraction": r["label_fraction"],
             "seed": str(r["seed"]),
+            "label_subset": _subset(r),
             "val": r["val"],
             "test": r["test"],
             "run_id": r["run_id"],
@@ -136,6 +162,7 @@ def record(
             "weights": r.get("weights"),
             "hardware": r.get("hardware"),
             "data_fingerprint": r.get("data_fingerprint"),
+            "per_case": r.get("per_case"),  # test Dice per case, for the paired intervals
         }
         for r in rows
     ]
@@ -144,7 +171,7 @@ def record(
     saved, superseded = read_results(path, experiment, key)
     saved, aside = split_by_weights(saved)
     cells, other = split_by_weights(merge_cells(saved, new))
-    payload = {"experiment": experiment, "settings": key, "cells": cells}
+    payload = {"experiment": experiment, "settings": key, **study_summary(cells), "cells": cells}
     # nothing recorded is dropped: the cells of other weights are kept aside
     superseded += [c for c in aside + other if c not in superseded]
     if superseded:
@@ -155,16 +182,19 @@ def record(
 
 def missing_cells(space: Path, cells: list[dict]) -> dict[str, dict[str, list[float]]]:
     """Seed -> method -> the space's label fractions of that method and seed that are not
-    recorded (complete methods and seeds left out)."""
+    recorded for every labelled subset (complete methods and seeds left out)."""
     from mixcl_ray.spaces import load_space
 
     grid = load_space(space).space
-    done = {(c["method"], float(c["label_fraction"]), str(c["seed"])) for c in cells}
+    done = {(c["method"], float(c["label_fraction"]), _subset(c), str(c["seed"])) for c in cells}
+    subsets = [str(s) for s in grid_values(grid.get("label_subset", 0))]
     out: dict[str, dict[str, list[float]]] = {}
     fractions = [float(f) for f in grid_values(grid["label_fraction"])]
     for seed in grid_values(grid["seed"]):
         for method in grid_values(grid["method"]):
-            left = [f for f in fractions if (method, f, str(seed)) not in done]
+            left = [
+                f for f in fractions if any((method, f, k, str(seed)) not in done for k in subsets)
+            ]
             if left:
                 out.setdefault(str(seed), {})[method] = left
     return out
@@ -197,3 +227,43 @@ def missing_commands(space: Path, missing: dict[str, dict[str, list[float]]]) ->
             command += f" --fractions {' '.join(f'{f:g}' for f in fractions)}"
         commands.append(command)
     return commands
+
+
+TARGET_GAIN = 0.05  # Dice points (0.05 = 5 points) over scratch at the smallest label fraction
+FLOOR = -0.02  # the lowest the interval may reach at the largest fraction
+SINGLE_TERMS = ("identity", "label", "reconstruction")
+
+
+def target_lines(cells: list[dict]) -> list[str]:
+    """Whether MixCL meets the study's targets, each from a paired comparison and its 95 %
+    interval: at the smallest fraction at least TARGET_GAIN over scratch with the interval
+    above 0, and ahead of every single-term method; at the middle ones ahead of scratch; at
+    the largest an interval whose lower end is FLOOR or higher."""
+    from mixcl_ray import paired
+
+    fractions = sorted({float(c["label_fraction"]) for c in cells})
+    if not fractions:
+        return ["targets: no cells"]
+    small, large = fractions[0], fractions[-1]
+    ahead = "ahead: lower end above 0"
+    checks = [(small, "scratch", f"+{TARGET_GAIN:g} or more, lower end above 0")]
+    checks += [(small, m, ahead) for m in SINGLE_TERMS]
+    checks += [(f, "scratch", ahead) for f in fractions[1:-1]]
+    checks += [(large, "scratch", f"lower end {FLOOR:g} or higher")] if large != small else []
+    lines = []
+    for fraction, baseline, wanted in checks:
+        entry = paired.compare(cells, "mixcl", fraction, baseline)
+        head = f"target: MixCL vs {baseline} at {100 * fraction:g} % ({wanted})"
+        if "ci95" not in entry:
+            lines.append(f"{head}: {entry['n_pairs']} pairs, no interval -> not established")
+            continue
+        diff, (lo, hi) = entry["mean_diff"], entry["ci95"]
+        if baseline == "scratch" and fraction == small:
+            met = diff >= TARGET_GAIN and lo > 0
+        else:
+            met = lo >= FLOOR if fraction == large and fraction != small else lo > 0
+        lines.append(
+            f"{head}: {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] over {entry['n_pairs']} pairs -> "
+            f"{'met' if met else 'not met'}"
+        )
+    return lines

@@ -16,8 +16,8 @@ def _pair_key(row: dict) -> tuple:
     return tuple(str(row.get(k) if row.get(k) is not None else "0") for k in PAIR_KEY)
 
 
-def pairs(rows: list[dict], method: str, fraction: float) -> list[dict]:
-    """The (method, scratch) trials of one fraction on the same subset and seed: each pair's
+def pairs(rows: list[dict], method: str, fraction: float, baseline: str = "scratch") -> list[dict]:
+    """The (method, baseline) trials of one fraction on the same subset and seed: each pair's
     mean difference and, where both logged test Dice per case, the per-case differences."""
 
     def cell(name):
@@ -25,7 +25,7 @@ def pairs(rows: list[dict], method: str, fraction: float) -> list[dict]:
             _pair_key(r): r for r in rows if r["method"] == name and r["label_fraction"] == fraction
         }
 
-    mine, scratch = cell(method), cell("scratch")
+    mine, scratch = cell(method), cell(baseline)
     out = []
     for key in sorted(set(mine) & set(scratch)):
         a, b = mine[key], scratch[key]
@@ -85,15 +85,21 @@ def summary(rows: list[dict]) -> list[dict]:
                     }
                 )
                 continue
-            found = pairs(rows, method, fraction)
-            entry = {"method": method, "label_fraction": fraction, "n_pairs": len(found)}
-            if found:
-                entry["mean_diff"] = float(np.mean([p["diff"] for p in found]))
-                # one pair without per-case values has no spread to resample
-                if len(found) > 1 or len(found[0]["per_case"]) > 1:
-                    entry["ci95"] = list(bootstrap_ci(found))
-            out.append(entry)
+            out.append({"method": method, **compare(rows, method, fraction)})
     return out
+
+
+def compare(rows: list[dict], method: str, fraction: float, baseline: str = "scratch") -> dict:
+    """``method`` against ``baseline`` at one label fraction: the number of pairs, and where
+    there are any the mean paired difference and (given a spread) its 95 % interval."""
+    found = pairs(rows, method, fraction, baseline)
+    entry = {"label_fraction": fraction, "n_pairs": len(found)}
+    if found:
+        entry["mean_diff"] = float(np.mean([p["diff"] for p in found]))
+        # one pair without per-case values has no spread to resample
+        if len(found) > 1 or len(found[0]["per_case"]) > 1:
+            entry["ci95"] = list(bootstrap_ci(found))
+    return entry
 
 
 def render(entries: list[dict]) -> str:

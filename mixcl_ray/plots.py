@@ -103,3 +103,32 @@ def validation_curves_png(rows: list[dict], path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def paired_png(entries: list[dict], path: str | os.PathLike) -> None:
+    """entries: ``paired.summary``'s -> each method's paired difference to scratch against
+    label fraction, with its 95 % interval as the bar."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    methods = sorted({e["method"] for e in entries if "ci95" in e})
+    for i, method in enumerate(methods):
+        rows = sorted(
+            (e for e in entries if e["method"] == method and "ci95" in e),
+            key=lambda e: e["label_fraction"],
+        )
+        shift = 1 + 0.05 * (i - (len(methods) - 1) / 2)  # side by side on the log axis
+        x = [100 * e["label_fraction"] * shift for e in rows]
+        y = np.array([e["mean_diff"] for e in rows])
+        bars = [y - [e["ci95"][0] for e in rows], [e["ci95"][1] for e in rows] - y]
+        ax.errorbar(x, y, yerr=bars, marker="o", capsize=3, linestyle="none", label=method)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training cases of the target (%)")
+    ax.set_ylabel("test Dice minus scratch's")
+    ax.set_title("paired difference to scratch (95 % interval)")
+    ax.grid(alpha=0.3)
+    if methods:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -223,7 +223,12 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
     assert load_results(results, "exp", key) == cells
     command = "python benchmarks/label_efficiency.py --seeds"
     assert missing_commands(full, missing_cells(full, [])) == [f"{command} 0 1"]
-    missing = missing_cells(full, cells)
+
+    def every_subset(recorded):  # these cells recorded for each labelled subset of the grid
+        return [{**c, "label_subset": str(k)} for c in recorded for k in range(3)]
+
+    assert missing_cells(full, cells)["0"]["mixcl"] == [0.05, 0.15, 1.0]  # 2 subsets to run
+    missing = missing_cells(full, every_subset(cells))
     assert {seed: sum(map(len, m.values())) for seed, m in missing.items()} == {
         "0": 14,
         "1": 13,
@@ -242,7 +247,7 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
         for m in ("scratch", "identity", "label", "reconstruction")
         for f in (0.05, 0.15, 1.0)
     ]
-    missing = missing_cells(full, [*cells, *baselines])
+    missing = missing_cells(full, every_subset([*cells, *baselines]))
     assert missing["1"] == {"mixcl": [0.15, 1.0]}  # seed 1's MixCL at 5 % is recorded above
     assert missing_commands(full, missing)[1] == f"{command} 0 1 --methods mixcl --fractions 0.15 1"
     assert load_results(results, "other experiment", key) == []  # not this study's table
@@ -277,6 +282,98 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
     cells = record(earlier, "exp", key, [{**row, "seed": "2", "weights": [0.1, 1.0, 1.0]}])
     assert [c["seed"] for c in cells] == ["0", "1"]  # seed 1: scratch
     assert len(json.loads(earlier.read_text())["superseded"]) == 3
+
+
+def _study_cells(gains: dict, subsets=3, seeds=2, cases=30) -> list[dict]:
+    """A whole study's cells, each with test Dice per case: scratch at 0.3 plus per-case noise
+    shared by the pair (the same cases, subset and seed), each method ``gains[method]`` above."""
+    import numpy as np
+    from study_results import method_weights
+
+    rng = np.random.default_rng(0)
+    cells = []
+    for fraction in (0.05, 0.15, 1.0):
+        for subset in range(subsets):
+            for seed in range(seeds):
+                base = 0.3 + rng.normal(0, 0.1, cases)
+                for method, gain in gains.items():
+                    dice = base + gain.get(fraction, 0.0) + rng.normal(0, 0.01, cases)
+                    per_case = {f"case_{i:03d}": float(d) for i, d in enumerate(dice)}
+                    cells.append(
+                        {
+                            "method": method,
+                            "label_fraction": fraction,
+                            "label_subset": str(subset),
+                            "seed": seed,
+                            "val": 0.3,
+                            "test": float(dice.mean()),
+                            "run_id": f"{method}-{fraction}-{subset}-{seed}",
+                            "weights": method_weights(method),
+                            "per_case": per_case,
+                        }
+                    )
+    return cells
+
+
+def test_label_efficiency_records_paired_cells_with_their_summary_and_targets(
+    tmp_path, monkeypatch
+):
+    """A study of 3 subsets x 2 seeds: each (subset, seed) is its own cell, the results file
+    carries each method's weights and the paired summary with intervals, the targets are read
+    from paired intervals, a missing subset is asked for again, and the plot is drawn."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import json
+
+    from study_results import method_weights, missing_cells, record, space_file, target_lines
+
+    from mixcl_ray import paired
+    from mixcl_ray.plots import paired_png
+
+    gains = {
+        "scratch": {},
+        "identity": {0.05: 0.02},
+        "label": {0.05: 0.01},
+        "reconstruction": {0.05: 0.03},
+        "mixcl": {0.05: 0.08, 0.15: 0.03, 1.0: -0.005},
+    }
+    cells = _study_cells(gains)
+    results = tmp_path / "results.json"
+    recorded = record(results, "exp", "key", cells[:-1], "abc1234")  # the last cell still to run
+    assert len(recorded) == len(cells) - 1  # every subset and seed a cell of its own
+    saved = json.loads(results.read_text())
+    weights = dict(zip(("l_id", "l_label", "l_rec"), method_weights("mixcl"), strict=True))
+    assert saved["methods"]["mixcl"] == weights
+    assert saved["methods"]["scratch"] == {"l_id": 0.0, "l_label": 0.0, "l_rec": 0.0}
+    by = {(e["method"], e["label_fraction"]): e for e in saved["summary"]}
+    assert by[("scratch", 0.05)]["n"] == 6 and 0.2 < by[("scratch", 0.05)]["mean"] < 0.4
+    gain = by[("mixcl", 0.05)]
+    assert gain["n_pairs"] == 6 and abs(gain["mean_diff"] - 0.08) < 0.01
+    assert gain["ci95"][0] > 0.05 and gain["ci95"][1] < 0.11
+    assert by[("mixcl", 1.0)]["n_pairs"] == 5  # the missing cell has no pair
+    # the cell not yet recorded is asked for: its seed's method at that fraction
+    space = space_file("label_efficiency")
+    last = cells[-1]
+    assert missing_cells(space, recorded) == {str(last["seed"]): {last["method"]: [1.0]}}
+    assert missing_cells(space, record(results, "exp", "key", cells[-1:])) == {}
+    # a cell run again replaces its own (method, fraction, subset, seed) only
+    again = record(results, "exp", "key", [{**cells[0], "test": 0.9}])
+    assert len(again) == len(cells) and sum(c["test"] == 0.9 for c in again) == 1
+
+    lines = target_lines(cells)
+    assert len(lines) == 6
+    assert lines[0].startswith("target: MixCL vs scratch at 5 %") and lines[0].endswith("met")
+    assert all(line.endswith("-> met") for line in lines), lines
+    # a gain within the noise is not a met target, whatever its mean
+    noisy = _study_cells({"scratch": {}, "mixcl": {0.05: 0.06}}, subsets=1, seeds=1, cases=3)
+    for cell in noisy:
+        cell["per_case"] = None  # one pair and no cases: no interval
+    assert "no interval -> not established" in target_lines(noisy)[0]
+    behind = target_lines(_study_cells({**gains, "mixcl": {1.0: -0.05}}))
+    assert behind[0].endswith("not met") and behind[-1].endswith("not met")
+
+    plot = tmp_path / "paired.png"
+    paired_png(paired.summary(cells), plot)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
