@@ -60,6 +60,14 @@ DIMENSIONS: dict[str, Dimension] = {
             "l_rec", "pretrain", "loss.l_rec", float, "reconstruction term weight", absent=0.0
         ),
         Dimension("temperature_id", "pretrain", "loss.temperature_id", float, "identity tau"),
+        Dimension(
+            "gather_negatives",
+            "pretrain",
+            "loss.gather_negatives",
+            bool,
+            "identity negatives gathered from every worker's batch",
+            (False, True),
+        ),
         Dimension("temperature_label", "pretrain", "loss.temperature_label", float, "label tau"),
         Dimension(
             "pretrain_label_fraction",

@@ -480,3 +480,46 @@ def test_a_step_needs_only_the_arrays_the_feed_ships(weights, restored):
     terms = loss_fn(*view_outputs(model, loss_fn.heads, batch), batch, step=1)
     terms["loss"].backward()
     assert torch.isfinite(terms["loss"])
+
+
+def _gathered_identity(rank: int, world: int, init: str, z1, z2, out: dict) -> None:
+    """One worker of ``test_identity_negatives_gathered_across_workers``: its share of the
+    batch through the gathered loss; its loss and its inputs' gradients into ``out``."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        b = z1.shape[0] // world
+        mine = [z[rank * b : (rank + 1) * b].clone().requires_grad_() for z in (z1, z2)]
+        loss = IdentityConsistencyLoss(0.3, gather=True)(*mine)
+        loss.backward()
+        out[rank] = (loss.item(), mine[0].grad, mine[1].grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_identity_negatives_gathered_across_workers(tmp_path):
+    """Two gloo workers, each with half of the batch: the mean of their gathered losses is the
+    whole batch's loss on one process, and each worker's gradients (summed over the workers'
+    losses, as the gather's backward does, then averaged as DDP does) are the whole batch's."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    world, b = 2, 3
+    z1, z2 = torch.randn(world * b, 8, dtype=torch.double), torch.randn(world * b, 8).double()
+    whole = [z1.clone().requires_grad_(), z2.clone().requires_grad_()]
+    expected = IdentityConsistencyLoss(0.3)(*whole)
+    expected.backward()
+    out = mp.Manager().dict()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_gathered_identity, args=(world, init, z1, z2, out), nprocs=world)
+    losses = [out[r][0] for r in range(world)]
+    assert sum(losses) / world == pytest.approx(expected.item(), abs=1e-9)
+    assert losses[0] != pytest.approx(losses[1])  # each worker's own anchors
+    for rank in range(world):
+        rows = slice(rank * b, (rank + 1) * b)
+        for view in (0, 1):
+            assert torch.allclose(out[rank][1 + view] / world, whole[view].grad[rows], atol=1e-9)
+    # without gathering, a worker only sees its own batch: another loss
+    alone = IdentityConsistencyLoss(0.3, gather=True)(z1[:b], z2[:b])  # no process group
+    assert alone.item() == pytest.approx(IdentityConsistencyLoss(0.3)(z1[:b], z2[:b]).item())

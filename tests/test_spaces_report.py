@@ -381,6 +381,25 @@ def test_dense_source_dimension_sets_the_pretraining_model_and_is_a_param():
     assert default.model.dense_source == "decoder"
 
 
+def test_gather_negatives_dimension_reaches_the_identity_loss_and_is_a_param(tmp_path):
+    from mixcl_ray.config import load_config
+    from mixcl_ray.dimensions import stage_overrides, trial_params
+    from mixcl_ray.losses import MixCLLoss
+    from mixcl_ray.spaces import load_space
+
+    over = stage_overrides("pretrain", {"method": "identity", "gather_negatives": True}, {})
+    pre = load_config("pretrain", overrides=over)
+    assert pre.loss.gather_negatives and MixCLLoss(pre.loss).identity.gather
+    assert not MixCLLoss(load_config("pretrain").loss).identity.gather  # off by default
+    ft = load_config("finetune")
+    ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
+    assert trial_params({"method": "identity"}, pre, ft, **ctx)["gather_negatives"] is True
+    space = tmp_path / "bad.yaml"
+    space.write_text("space:\n  gather_negatives: {grid: [true, 2]}\n")
+    with pytest.raises(ValueError, match="gather_negatives"):
+        load_space(space)
+
+
 def test_concurrent_trials_share_the_cpus_between_them():
     """On CPU, each of ``max_concurrent_trials`` trials sizes its workers on its part of the
     cluster (two trials' 1-CPU workers on 2 CPUs would leave Ray Data none: a hang); one

@@ -65,6 +65,7 @@ class LossConfig:
     l_label: float = 1.0  # label consistency weight
     l_rec: float = 1.0  # reconstruction consistency weight
     temperature_id: float = 0.1  # the identity term's softmax temperature
+    gather_negatives: bool = False  # identity negatives from every worker's batch, not its own
     temperature_label: float = 0.1  # the label term's softmax temperature
     reconstruction: str = "l1"  # "l1" | "mse"
     voxels_per_class: int = 64  # cap of sampled voxels per class and batch (both views)

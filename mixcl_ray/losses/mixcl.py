@@ -27,7 +27,7 @@ class MixCLLoss(nn.Module):
         if config.l_id == config.l_label == config.l_rec == 0:
             raise ValueError("at least one of l_id, l_label, l_rec must be > 0")
         self.config = config
-        self.identity = IdentityConsistencyLoss(config.temperature_id)
+        self.identity = IdentityConsistencyLoss(config.temperature_id, config.gather_negatives)
         self.label = LabelConsistencyLoss(config.temperature_label)
         self.reconstruction = ReconstructionConsistencyLoss(config.reconstruction)
 
