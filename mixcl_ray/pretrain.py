@@ -136,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=["mixcl", "identity", "reconstruction", "label"],
         default=None,
-        help="a baseline is a setting of the same code: which loss terms are on (mixcl: label "
-        "and reconstruction consistency, l_id 0, see docs/method.md; without --method, the config's "
-        "loss weights: all three terms at 1 by default)",
+        help="a baseline is a setting of the same code: which loss terms are on (mixcl: all "
+        "three, see docs/method.md; without --method, the config's loss weights: all three "
+        "terms at 1 by default)",
     )
     return parser
 

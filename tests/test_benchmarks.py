@@ -263,13 +263,13 @@ def test_label_efficiency_cells_add_up_across_runs(tmp_path, monkeypatch, capsys
 
     # MixCL's weights changed since seed 0's 5 % cell was recorded: that cell is left out of
     # the tables and asked for again, kept in the file; the run with the new weights replaces it
-    old = [1.0, 1.0, 1.0]
+    old = [0.0, 1.0, 1.0]
     assert mixcl != old and method_weights("scratch") == zeros
     earlier = tmp_path / "earlier.json"
     recorded = [{**row, "seed": "0", "weights": old}, {**scratch, "seed": "1"}]
     earlier.write_text(json.dumps({"experiment": "exp", "settings": key, "cells": recorded}))
     assert [c["method"] for c in load_results(earlier, "exp", key)] == ["scratch"]
-    assert "mixcl l_id/l_label/l_rec 1/1/1, now 0/1/1" in capsys.readouterr().out
+    assert "mixcl l_id/l_label/l_rec 0/1/1, now 1/1/1" in capsys.readouterr().out
     assert json.loads(earlier.read_text())["cells"] == recorded  # reading changes nothing
     assert missing_cells(full, load_results(earlier, "exp", key))["0"]["mixcl"] == [0.05, 0.15, 1.0]
     cells = record(earlier, "exp", key, [{**row, "seed": "0", "test": 0.3}])

@@ -161,11 +161,11 @@ def test_config_round_trip_and_methods():
     assert loss_config_for("scratch") is None
     assert (loss_config_for("identity").l_id, loss_config_for("identity").l_rec) == (1.0, 0.0)
     assert loss_config_for("mixcl", temperature_id=0.2).temperature_id == 0.2
-    # MixCL's default leaves the identity term out (docs/method.md); l_id brings
-    # it back, and the loss config's own defaults keep all three terms
+    # MixCL keeps its three terms on (docs/method.md), as the loss config's own defaults do;
+    # l_id sets the identity term's weight
     mixcl = loss_config_for("mixcl")
-    assert (mixcl.l_id, mixcl.l_label, mixcl.l_rec) == (0.0, 1.0, 1.0)
-    assert loss_config_for("mixcl", l_id=1.0).l_id == 1.0 and LossConfig().l_id == 1.0
+    assert (mixcl.l_id, mixcl.l_label, mixcl.l_rec) == (1.0, 1.0, 1.0)
+    assert loss_config_for("mixcl", l_id=0.1).l_id == 0.1 and LossConfig().l_id == 1.0
     with pytest.raises(ValueError, match="unknown method"):
         loss_config_for("simclr")
 

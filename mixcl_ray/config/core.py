@@ -89,15 +89,13 @@ class LossConfig:
 
 
 # The baselines are settings of the same code: (l_id, l_label, l_rec); scratch skips pre-training.
-# MixCL's identity weight is 0 for now: its identity term compares the two clean views, which by
-# default differ only in intensity, so it is near-trivial and fine-tuning was worse with it on
-# (docs/method.md). ``l_id`` (a space dimension, the loss config) brings it back.
+# MixCL keeps its three terms together, as the paper describes it (docs/method.md).
 METHODS: dict[str, tuple[float, float, float] | None] = {
     "scratch": None,
     "identity": (1.0, 0.0, 0.0),
     "reconstruction": (0.0, 0.0, 1.0),
     "label": (0.0, 1.0, 0.0),
-    "mixcl": (0.0, 1.0, 1.0),
+    "mixcl": (1.0, 1.0, 1.0),
 }
 
 
