@@ -17,8 +17,10 @@ def commands_in(text: str) -> list[str]:
 
 
 def code_blocks(markdown: str) -> str:
-    """The text of a Markdown file's fenced code blocks."""
-    return "\n".join(re.findall(r"```[a-z]*\n(.*?)```", markdown, re.S))
+    """The text of a Markdown file's fenced code blocks, but for ```text blocks (a program's
+    output, which may name a command without its arguments)."""
+    blocks = re.findall(r"```([a-z]*)\n(.*?)```", markdown, re.S)
+    return "\n".join(body for language, body in blocks if language != "text")
 
 
 def _parser(argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
