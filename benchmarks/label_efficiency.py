@@ -13,7 +13,8 @@ It runs the study ``tune_spaces/label_efficiency.yaml`` with ``python -m mixcl_r
 8 pre-trainings; every fine-tuning trains for as many steps as the 100 % one, about 4.5 minutes
 each, so about 7 hours on two CPU cores; ``--resume`` continues an interrupted one), then reads
 the finished trials from MLflow, prints the tables and saves the plot of the paired differences
-next to the results file (``label_efficiency.png``).
+next to the results file (``label_efficiency.png``; with ``--report-only``, in the report's
+folder under ``--storage``).
 
     python benchmarks/label_efficiency.py [--storage runs/label-efficiency] [--resume]
     python benchmarks/label_efficiency.py --seeds 0 [--resume]     # one seed: 45 cells, ~3h30
@@ -231,7 +232,12 @@ def main() -> None:
         cells = merge_cells(cells, split_by_weights(latest_rows(uri, args.experiment))[0])
     if not cells:
         raise SystemExit(f"no finished trial of {args.experiment!r} in MLflow or {args.results}")
-    report(cells, args.storage / "label-efficiency-report", args.results.with_suffix(".png"))
+    out_dir = args.storage / "label-efficiency-report"
+    # the study's plot goes beside its results file; a report of MLflow alone writes nothing there
+    plot = (
+        out_dir / "label_efficiency.png" if args.report_only else args.results.with_suffix(".png")
+    )
+    report(cells, out_dir, plot)
     full = space_file(args.space)
     missing = missing_cells(full, cells)
     if missing and load_space(full).experiment == args.experiment:

@@ -311,12 +311,21 @@ def test_resuming_a_finished_store_sweep_reruns_nothing(store_sweep, sweep_runs)
 def test_label_efficiency_benchmark_reports_the_store_sweep(store_sweep):
     out = store_sweep["report"]
     assert "machine:" in out and "Validation Dice" in out and "Test Dice" in out
-    assert out.count("| mixcl | ") == 2 and out.count("| scratch | ") == 2
-    assert re.search(r"validation target vs scratch at 50 %: MixCL [0-9.]+ vs scratch", out)
-    assert "test target vs identity: no result at 50 %" in out
-    assert (
-        (store_sweep["bench"] / "label-efficiency-report/label_efficiency_val.png").stat().st_size
-    )
+    # a row each in the validation and the test table, and in the paired table
+    assert out.count("| mixcl | ") == 4 and out.count("| scratch | ") == 4
+    assert "Paired difference to scratch" in out
+    # each target from a paired interval (one pair here: the case-level interval)
+    assert re.search(
+        r"target: MixCL vs scratch at 50 % \(\+0\.05 or more, lower end above 0\): "
+        r"[+-][0-9.]+ \[[+-][0-9.]+, [+-][0-9.]+\] over 1 pairs -> (met|not met)",
+        out,
+    ), out
+    assert "target: MixCL vs identity at 50 % (ahead: lower end above 0): 0 pairs" in out
+    assert "target: MixCL vs scratch at 100 % (lower end -0.02 or higher)" in out
+    report = store_sweep["bench"] / "label-efficiency-report"
+    assert (report / "label_efficiency_val.png").stat().st_size
+    assert (report / "label_efficiency.png").stat().st_size  # the paired plot, beside the report
+    assert not (ROOT / "benchmarks/results/label_efficiency.png").exists()  # not in the checkout
 
 
 def _session_processes(sid: int) -> list[psutil.Process]:
