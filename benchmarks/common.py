@@ -24,12 +24,10 @@ def parser(doc: str) -> argparse.ArgumentParser:
 def ensure_data(data: Path | str | None) -> Path:
     """``data``: a prepared folder, or ``builtin:SIZE``; by default the built-in benchmark
     prepared into the cache (as the demo study does)."""
-    from data_prep.cli import BUILTIN, prepared_benchmark
+    from data_prep.cli import BUILTIN, builtin_benchmark
 
     chosen = str(data) if data is not None else f"{BUILTIN}small"
-    if chosen.startswith(BUILTIN):
-        return prepared_benchmark(chosen[len(BUILTIN) :], progress=False)
-    return Path(chosen).absolute()
+    return builtin_benchmark(chosen, progress=False) or Path(chosen).absolute()
 
 
 def machine() -> str:

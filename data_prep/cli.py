@@ -46,6 +46,14 @@ def prepared_benchmark(size: str = "small", seed: int = 0, progress: bool = True
     return out
 
 
+def builtin_benchmark(data, progress: bool = True) -> Path | None:
+    """The built-in benchmark that ``data`` names (``builtin:SIZE``), prepared on first use;
+    None for any other data (a folder, an object-store URI)."""
+    if isinstance(data, str) and data.startswith(BUILTIN):
+        return prepared_benchmark(data[len(BUILTIN) :], progress=progress)
+    return None
+
+
 def _fractions(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(f) for f in text.split(","))

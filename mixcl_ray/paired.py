@@ -25,10 +25,10 @@ def pairs(rows: list[dict], method: str, fraction: float, baseline: str = "scrat
             _pair_key(r): r for r in rows if r["method"] == name and r["label_fraction"] == fraction
         }
 
-    mine, scratch = cell(method), cell(baseline)
+    mine, base = cell(method), cell(baseline)
     out = []
-    for key in sorted(set(mine) & set(scratch)):
-        a, b = mine[key], scratch[key]
+    for key in sorted(set(mine) & set(base)):
+        a, b = mine[key], base[key]
         cases = sorted(set(a.get("per_case") or {}) & set(b.get("per_case") or {}))
         per_case = np.array([a["per_case"][c] - b["per_case"][c] for c in cases], float)
         per_case = per_case[np.isfinite(per_case)]

@@ -38,13 +38,12 @@ def resolve_data(spec_data: str | None, data) -> Location:
     """--data, else the space's data, else the built-in benchmark prepared into the cache. A
     folder, an object-store URI, or ``builtin:SIZE`` (a built-in benchmark, prepared on first
     use)."""
-    from data_prep.cli import BUILTIN, prepared_benchmark
+    from data_prep.cli import BUILTIN, builtin_benchmark
 
     chosen = data or spec_data or f"{BUILTIN}small"
-    if isinstance(chosen, str) and chosen.startswith(BUILTIN):
-        size = chosen[len(BUILTIN) :]
-        out = prepared_benchmark(size, progress=True)
-        print(f"data: the built-in synthetic benchmark ({size}), prepared in {out}")
+    out = builtin_benchmark(chosen)
+    if out is not None:
+        print(f"data: the built-in synthetic benchmark {chosen}, prepared in {out}")
         return out
     chosen = locations.as_location(chosen)
     if not locations.exists(locations.join(chosen, "manifest.json")):
