@@ -376,7 +376,9 @@ def test_killed_sweep_driver_resumes_without_rerunning_ended_trials(prepared_ben
             started = _runs(MlflowClient(uri), "resume-test", "trial")
         except Exception:
             continue
-        if len(started) == 2:  # one trial at a time: the first one has been stopped
+        # one trial at a time: the first one has been stopped. A run is created before its
+        # params are logged, so wait for the second run's params too
+        if len(started) == 2 and all("method" in t.data.params for t in started):
             break
     if proc.poll() is not None:
         pytest.fail(f"the sweep ended before it could be killed:\n{proc.communicate()[0][-5000:]}")
