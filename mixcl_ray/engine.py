@@ -29,6 +29,7 @@ from mixcl_ray.train_utils import (
     gather,
     grad_scaler,
     hardware,
+    network_layout,
     optimizer_step,
 )
 
@@ -165,6 +166,7 @@ def run_stage(stage_cls: type[Stage], job: StageJob) -> None:
     torch.manual_seed(cfg.optim.seed + rank)
     stage = stage_cls(job, rank, ctx.get_world_size(), device)
     model = stage.build()
+    model = network_layout(model, device, cfg.scaling.channels_last)
     scaled, lr_scale = stage.scaled_parameters(model)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=stage.ddp_kwargs)
     optimizer = build_optimizer(model, cfg.optim, scaled, lr_scale)

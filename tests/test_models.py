@@ -201,3 +201,28 @@ def test_a_check_only_load_needs_no_weights_in_the_network(tmp_path):
     assert all(p.is_meta for p in ghost.parameters())
     with pytest.raises(ValueError, match="shape mismatch"):
         load_pretrained(other, tmp_path / "p.pt", copy=False)
+
+
+def test_channels_last_layout_on_cpu_computes_the_same_and_saves_a_plain_state():
+    from mixcl_ray.train_utils import network_layout
+
+    torch.manual_seed(0)
+    plain = SegmentationNet(TINY, num_classes=3)
+    x = torch.rand(2, 1, 32, 32, 32)
+    expected = plain(x)
+    fast = network_layout(
+        SegmentationNet(TINY, num_classes=3), torch.device("cpu"), channels_last=True
+    )
+    fast.load_state_dict(plain.state_dict())
+    convs = [p for p in fast.parameters() if p.dim() == 5]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)  # the layout really changed
+    torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-5)
+    # its weights load into a network in the default layout (predict, MLflow) as they are
+    again = SegmentationNet(TINY, num_classes=3)
+    again.load_state_dict(fast.state_dict())
+    torch.testing.assert_close(again(x), expected, rtol=1e-4, atol=1e-5)
+    # off, or on a GPU device, the layout is left as it was
+    for device, on in ((torch.device("cpu"), False), (torch.device("cuda"), True)):
+        kept = network_layout(SegmentationNet(TINY, num_classes=3), device, channels_last=on)
+        assert all(p.is_contiguous() for p in kept.parameters())
