@@ -95,7 +95,7 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
     from mixcl_ray.finetune import run_finetuning
     from mixcl_ray.pretrain_cache import cached_pretraining
     from mixcl_ray.ray_start import init_ray
-    from mixcl_ray.scoring import test_scores
+    from mixcl_ray.scoring import scoring_threads, test_scores
 
     init_ray()
     ctx = sweep
@@ -167,7 +167,8 @@ def run_trial(config: dict, sweep: SweepContext) -> None:
             tune.report(dict(result.history[-1]))
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            metrics, pngs = test_scores(ctx.data, ft_cfg, result.best_model, tmp)
+            threads = scoring_threads(cpus, ctx.resources.get("max_concurrent_trials", 1))
+            metrics, pngs = test_scores(ctx.data, ft_cfg, result.best_model, tmp, threads=threads)
             tracking.log_table(uri, run_id, metrics.pop("per_case"), tracking.PER_CASE_FILE)
             tracking.log_metrics(uri, run_id, metrics, step=ft_cfg.optim.epochs)
             (tmp / "config.json").write_text(

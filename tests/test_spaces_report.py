@@ -420,6 +420,19 @@ def test_concurrent_trials_share_the_cpus_between_them():
     assert "cpus_per_worker" not in trial_scaling(ctx, explicit, 2)  # the stage's own value stays
 
 
+def test_test_scoring_uses_the_trials_share_of_the_cpus(monkeypatch):
+    """After its fit, a trial scores the test split on the CPUs the fit held: the cluster's
+    over the trials at once, at least one, at most this node's."""
+    from mixcl_ray import scoring
+
+    monkeypatch.setattr(scoring.os, "cpu_count", lambda: 8)
+    assert scoring.scoring_threads(2, 1) == 2
+    assert scoring.scoring_threads(2, 2) == 1
+    assert scoring.scoring_threads(2, 4) == 1
+    assert scoring.scoring_threads(64, 2) == 8  # a cluster: this node's CPUs at most
+    assert scoring.scoring_threads(6, 0) == 6
+
+
 def test_pretraining_runs_carry_what_tells_two_pretrainings_apart():
     # two cached pre-trainings of a multi-seed study differ in their seed (and views): their
     # MLflow runs must say so, not only their loss weights

@@ -340,9 +340,11 @@ def test_finetuning_with_all_labels_learns(ray_session, prepared_benchmark, tmp_
     assert seen.keys() == scores.keys() and torch.equal(seen[first["case_id"]], again)
     (tmp_path / "test").mkdir()
     # (module access: pytest would collect a test_* function imported here)
+    threads = torch.get_num_threads()
     metrics, pngs = scoring.test_scores(
-        prepared_benchmark, config, result.best_model, tmp_path / "test", 1
+        prepared_benchmark, config, result.best_model, tmp_path / "test", 1, threads=threads + 1
     )
+    assert torch.get_num_threads() == threads  # this process's count is given back
     assert metrics["test/cases"] >= 1 and 0 <= metrics["test/dice_mean"] <= 1
     assert len(pngs) == 1 and pngs[0].stat().st_size > 1000
     table = metrics["per_case"]  # each test case's Dice, whose organ mean is test/dice_mean
