@@ -37,8 +37,8 @@ def refresh_limits_often() -> None:
     case): 268 patches/s, the CPUs half idle; with a 50 ms refresh 580 patches/s, as with
     Ray Data's resource allocator switched off. It must run in the process that executes the
     dataset: the driver for ``iter_batches`` and Ray Train's split coordinator actor for
-    training, so ``init_ray`` calls it and installs it as every worker's setup hook
-    (``RAY_RUNTIME_ENV``). A Ray version without the attribute is left alone."""
+    training, so ``init_ray`` calls it and every worker process runs it at start
+    (``mixcl_ray.ray_start.setup_worker``). A Ray version without the attribute is left alone."""
     try:
         from ray.data._internal.execution.resource_manager import ResourceManager
     except ImportError:
@@ -46,10 +46,6 @@ def refresh_limits_often() -> None:
     current = getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", None)
     if isinstance(current, int | float) and current > LIMITS_REFRESH_S:
         ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = LIMITS_REFRESH_S
-
-
-# ray.init(runtime_env=RAY_RUNTIME_ENV): every worker process of the job runs the hook
-RAY_RUNTIME_ENV = {"worker_process_setup_hook": "mixcl_ray.feed.refresh_limits_often"}
 
 
 def epoch_index() -> int:

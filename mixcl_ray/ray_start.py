@@ -23,12 +23,24 @@ JOB_ENV_DEFAULTS = {TRAIN_POLL_ENV: TRAIN_POLL_S, PREEMPTION_ENV: PREEMPTION_WAT
 # by ``init_ray`` gets it from this variable; a cluster's ``ray start`` needs it in its
 # environment (the deploy recipes set it).
 IDLE_WORKER_ENV, IDLE_WORKER_MS = "RAY_idle_worker_killing_time_threshold_ms", "300000"
+# ray.init(runtime_env=RAY_RUNTIME_ENV): every worker process of the job runs ``setup_worker``
+RAY_RUNTIME_ENV = {"worker_process_setup_hook": "mixcl_ray.ray_start.setup_worker"}
+
+
+def setup_worker() -> None:
+    """What every worker process of a mixcl_ray job does first: Ray Data re-reads its limits
+    often (``mixcl_ray.feed.refresh_limits_often``) and MONAI loads without the packages it
+    would load for nothing (``mixcl_ray.lean_monai``)."""
+    from mixcl_ray.feed import refresh_limits_often
+    from mixcl_ray.lean_monai import hide_from_monai
+
+    refresh_limits_often()
+    hide_from_monai()
 
 
 def init_ray(address: str | None = None, **ray_init) -> None:
     """Start (or join) Ray as every mixcl_ray process does: quiet logs, and for every process
-    of the job (on every node) the setup hook that makes Ray Data re-read its limits often
-    (``RAY_RUNTIME_ENV``), Ray Train's 0.5 s poll and no preemption watcher
+    of the job (on every node) the setup hook (``setup_worker``), Ray Train's 0.5 s poll and no preemption watcher
     (``JOB_ENV_DEFAULTS``; a value set in this process's environment wins); a node it starts keeps
     idle worker processes for minutes, not 1 s (``IDLE_WORKER_ENV``). ``ray_init``: more
     ``ray.init`` arguments (``num_cpus``, ``include_dashboard``, ...), overriding those."""
@@ -36,7 +48,7 @@ def init_ray(address: str | None = None, **ray_init) -> None:
 
     import ray
 
-    from mixcl_ray.feed import RAY_RUNTIME_ENV, refresh_limits_often
+    from mixcl_ray.feed import refresh_limits_often
 
     if not ray.is_initialized():
         os.environ.setdefault(IDLE_WORKER_ENV, IDLE_WORKER_MS)  # read by the raylet it starts
