@@ -3,6 +3,7 @@ labels, zero weights and gradients."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -523,3 +524,44 @@ def test_identity_negatives_gathered_across_workers(tmp_path):
     # without gathering, a worker only sees its own batch: another loss
     alone = IdentityConsistencyLoss(0.3, gather=True)(z1[:b], z2[:b])  # no process group
     assert alone.item() == pytest.approx(IdentityConsistencyLoss(0.3)(z1[:b], z2[:b]).item())
+
+
+@pytest.mark.parametrize("cropped_apart", [False, True])
+def test_warped_views_leave_the_voxels_a_view_did_not_see_out_of_the_label_term(cropped_apart):
+    """With warps, the model says which patch voxels each view saw; the label term draws only
+    from those (both views' at once when the views are aligned, each its own when cropped
+    apart), and a MixCL step on warped views runs and back-propagates."""
+    from mixcl_ray.data.views import ViewConfig, random_warp
+    from mixcl_ray.losses.mixcl import seen_labels
+
+    label = torch.ones(1, 4, 4, 4, dtype=torch.uint8)
+    valid1 = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    valid1[:, :2] = True
+    valid2 = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    valid2[:, 1:] = True
+    both = seen_labels(label, valid1, valid2)
+    assert (both[:, 1] == 1).all() and (both[:, [0, 2, 3]] == 255).all()
+    one, two = seen_labels((label, label * 2), valid1, valid2)
+    assert (one[:, :2] == 1).all() and (one[:, 2:] == 255).all()
+    assert (two[:, 1:] == 2).all() and (two[:, 0] == 255).all()
+
+    model = MixCLModel(ModelConfig(features=(4, 4, 8, 8, 16, 4), global_dim=8, dense_dim=8))
+    loss_fn = MixCLLoss(LossConfig())
+    assert loss_fn.config.l_id > 0 and loss_fn.config.l_label > 0 and loss_fn.config.l_rec > 0
+    batch = _batch()
+    rng = np.random.default_rng(0)
+    views = ViewConfig(rotate_degrees=15, zoom=0.15)
+    for v in ("1", "2"):
+        batch["input" + v] = torch.rand(2, 1, 32, 32, 32)
+        batch["flips" + v] = torch.zeros(2, 3, dtype=torch.bool)
+        batch["rot" + v] = torch.zeros(2, dtype=torch.int64)
+        batch["warp" + v] = torch.from_numpy(np.stack([random_warp(rng, views) for _ in range(2)]))
+    if cropped_apart:
+        batch["label2"] = batch["label"].clone()
+    batch = {k: batch[k] for k in (*example_keys(1, cropped_apart, warped=True), "annotated")}
+    out1, out2 = view_outputs(model, loss_fn.heads, batch)
+    assert out1["voxel_valid"].shape == (2, 32, 32, 32) and not out1["voxel_valid"].all()
+    terms = loss_fn(out1, out2, batch, step=1)
+    terms["loss"].backward()
+    assert torch.isfinite(terms["loss"]) and terms["label"] > 0
+    assert model.dense_head.net[0].weight.grad.abs().sum() > 0

@@ -374,19 +374,27 @@ def test_full_epochs_give_every_label_fraction_the_steps_of_all_labels(prepared_
 
 
 @pytest.mark.parametrize(
-    "loss, restored, offset",
-    [({}, 1, 0), ({"l_id": 0, "l_label": 0}, 2, 0), ({"l_rec": 0}, 0, 0), ({}, 1, 4)],
+    "loss, restored, views",
+    [
+        ({}, 1, {}),
+        ({"l_id": 0, "l_label": 0}, 2, {}),
+        ({"l_rec": 0}, 0, {}),
+        ({}, 1, {"crop_offset": 4}),
+        ({}, 1, {"rotate_degrees": 10, "zoom": 0.1}),
+    ],
 )
 def test_the_feed_ships_only_what_the_step_reads(
-    ray_session, prepared_benchmark, loss, restored, offset
+    ray_session, prepared_benchmark, loss, restored, views
 ):
     from mixcl_ray.data.pairs import example_keys
     from mixcl_ray.feed import build_pretrain_dataset
 
-    overrides = {**QUICK, "loss": loss, "views": {"crop_offset": offset}}
-    config = load_config("pretrain", overrides=overrides)
+    config = load_config("pretrain", overrides={**QUICK, "loss": loss, "views": views})
     batch = build_pretrain_dataset(prepared_benchmark, config).take_batch(4)
-    assert set(batch) == {*example_keys(restored, cropped_apart=offset > 0), "annotated"}
+    cropped, warped = bool(views.get("crop_offset")), config.views.warps
+    assert set(batch) == {*example_keys(restored, cropped, warped), "annotated"}
+    if warped:  # each view its own small rotation and scale
+        assert batch["warp1"].shape == (4, 3, 3) and not np.allclose(batch["warp1"], np.eye(3))
     if restored == 1:  # MixCL: the first view corrupted, its clean version kept as the target
         assert not np.array_equal(batch["input1"], batch["clean1"])
 

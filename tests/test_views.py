@@ -27,9 +27,12 @@ from mixcl_ray.data.patches import (
 from mixcl_ray.data.views import (
     ViewConfig,
     apply_spatial,
+    apply_warp,
     augment_intensity,
     gaussian_noise,
     invert_spatial,
+    random_warp,
+    unwarp,
 )
 
 
@@ -48,6 +51,101 @@ def test_inverse_puts_every_voxel_back(flips, rot):
         0
     ]
     assert np.array_equal(back.numpy(), x)
+
+
+def _coordinates(shape) -> np.ndarray:
+    """(3, X, Y, Z): each voxel's own coordinates, a map trilinear resampling keeps exact."""
+    return np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (24, 20, 16)])
+def test_unwarp_puts_every_seen_voxel_back(shape):
+    """A warped view's map, unwarped, is the patch's own map wherever the view saw the patch and
+    its trilinear neighbours lie inside the patch; the voxels it did not see are flagged."""
+    rng = np.random.default_rng(1)
+    config = ViewConfig(rotate_degrees=20, zoom=0.2)
+    x = _coordinates(shape)
+    for _ in range(6):
+        warp = random_warp(rng, config)
+        view = apply_warp(x, warp)
+        back, seen = unwarp(torch.from_numpy(view)[None], torch.from_numpy(warp)[None])
+        # the view voxel each patch voxel comes from, and whether it lies inside the view
+        c = ((np.asarray(shape) - 1) / 2)[:, None, None, None]
+        q = np.einsum("ij,jxyz->ixyz", np.linalg.inv(warp), x - c) + c
+        inside = np.all((q >= -1e-3) & (q <= np.asarray(shape)[:, None, None, None] - 1 + 1e-3), 0)
+        assert np.array_equal(seen[0].numpy(), inside)
+        # exact where every view voxel the trilinear lookup reads saw the patch itself
+        interior = inside.copy()
+        for corner in itertools.product([0, 1], repeat=3):
+            n = np.floor(q) + np.asarray(corner)[:, None, None, None] - c
+            hits = np.einsum("ij,jxyz->ixyz", warp, n)
+            interior &= np.all(np.abs(hits) <= c + 1e-4, 0)
+        assert interior.mean() > 0.3
+        err = (back[0].numpy() - x)[:, interior]
+        assert np.abs(err).max() < 1e-3, np.abs(err).max()
+        assert view.shape == x.shape and view.dtype == x.dtype
+
+
+def test_no_warp_is_the_identity_and_the_warps_stay_small():
+    x = torch.from_numpy(_coordinates((8, 12, 16)))[None]
+    back, seen = unwarp(x, torch.eye(3)[None])
+    assert torch.allclose(back, x, atol=1e-4) and seen.all()
+    rng = np.random.default_rng(0)
+    config = ViewConfig(rotate_degrees=10, zoom=0.1)
+    for _ in range(50):
+        warp = random_warp(rng, config)
+        scale = np.linalg.svd(warp, compute_uv=False)  # the inverse of the view's zoom
+        assert (
+            np.allclose(scale, scale[0], atol=1e-5) and 1 / 1.1 - 1e-5 <= scale[0] <= 1 / 0.9 + 1e-5
+        )
+        angle = np.degrees(np.arctan2(warp[1, 0], warp[0, 0]))
+        assert abs(angle) <= 10 + 1e-4 and warp[2, 0] == warp[2, 1] == warp[0, 2] == 0
+    with pytest.raises(ValueError, match="rotate_degrees"):
+        ViewConfig(rotate_degrees=60)
+    with pytest.raises(ValueError, match="zoom"):
+        ViewConfig(zoom=0.5)
+
+
+def test_warped_views_carry_their_warps_and_unwarped_embeddings_line_up():
+    """Two warped views of an 'equivariant network' (the identity map) agree wherever both saw
+    the patch, once mapped back; the default views draw no warp (their random streams are
+    unchanged)."""
+    from mixcl_ray.config import LossConfig
+    from mixcl_ray.data.pairs import example_keys, loss_example
+
+    shape = (16, 16, 16)
+    patch = _coordinates(shape)[0] / 16  # a ramp along X
+    views = ViewConfig(
+        rotate_degrees=15, zoom=0.1, scale=(1, 1), shift=(0, 0), gamma=(1, 1), noise_std=0
+    )
+    ex = make_pretrain_example(
+        patch, np.zeros(shape, np.uint8), np.random.default_rng(3), views, corruptions=None
+    )
+    assert ex["warp1"].shape == ex["warp2"].shape == (3, 3) and ex["warp1"].dtype == np.float32
+    batch = {k: torch.from_numpy(np.asarray(v))[None] for k, v in ex.items()}
+    back = []
+    for v in ("1", "2"):
+        flipped = invert_spatial(batch["input" + v], batch["flips" + v], batch["rot" + v])
+        back.append(unwarp(flipped, batch["warp" + v]))
+    (b1, s1), (b2, s2) = back
+    both = (s1 & s2)[0]
+    both[0], both[-1], both[:, 0], both[:, -1] = False, False, False, False  # edge interpolation
+    assert both.float().mean() > 0.5
+    assert torch.allclose(b1[0, 0][both], b2[0, 0][both], atol=1e-3)
+    assert torch.allclose(b1[0, 0][both], torch.from_numpy(patch)[both], atol=1e-3)
+    keys = loss_example(
+        patch,
+        np.zeros(shape, np.uint8),
+        np.random.default_rng(3),
+        views,
+        CorruptionConfig(),
+        LossConfig(),
+    )
+    assert set(keys) == set(example_keys(1, warped=True)) and {"warp1", "warp2"} <= set(keys)
+    plain = make_pretrain_example(
+        patch, np.zeros(shape, np.uint8), np.random.default_rng(3), corruptions=None
+    )
+    assert "warp1" not in plain
 
 
 def test_voxel_correspondence_between_two_views():

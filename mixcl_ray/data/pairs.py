@@ -6,11 +6,19 @@ from __future__ import annotations
 import numpy as np
 
 from mixcl_ray.data.corruptions import CorruptionConfig, corrupt
-from mixcl_ray.data.views import ViewConfig, apply_spatial, augment_intensity, random_spatial
+from mixcl_ray.data.views import (
+    ViewConfig,
+    apply_spatial,
+    apply_warp,
+    augment_intensity,
+    random_spatial,
+    random_warp,
+)
 
 DEFAULT_VIEWS = ViewConfig()
 DEFAULT_CORRUPTIONS = CorruptionConfig()
 GEOMETRY = ("flips1", "flips2", "rot1", "rot2", "label")
+WARPS = ("warp1", "warp2")  # with ViewConfig.warps
 
 
 def restored_views(l_id: float, l_label: float, l_rec: float) -> int:
@@ -23,17 +31,20 @@ def restored_views(l_id: float, l_label: float, l_rec: float) -> int:
     return 1 if l_id > 0 or l_label > 0 else 2
 
 
-def example_keys(restored: int, cropped_apart: bool = False) -> tuple[str, ...]:
+def example_keys(
+    restored: int, cropped_apart: bool = False, warped: bool = False
+) -> tuple[str, ...]:
     """The arrays a training step reads when ``restored`` views are restored: the network's
     inputs, the reconstruction targets and the views' geometry (with ``label2`` when the second
-    view is cropped elsewhere, ``ViewConfig.crop_offset``). Without reconstruction the inputs are
-    the clean views themselves (no ``clean*``); MixCL needs no second corrupted input."""
+    view is cropped elsewhere, ``ViewConfig.crop_offset``, and ``warp1``/``warp2`` when the views
+    are warped, ``ViewConfig.warps``). Without reconstruction the inputs are the clean views
+    themselves (no ``clean*``); MixCL needs no second corrupted input."""
     images = {
         0: ("input1", "input2"),
         1: ("clean1", "clean2", "input1"),
         2: ("clean1", "clean2", "input1", "input2"),
     }[restored]
-    return images + GEOMETRY + (("label2",) if cropped_apart else ())
+    return images + GEOMETRY + (("label2",) if cropped_apart else ()) + (WARPS if warped else ())
 
 
 def make_pretrain_example(
@@ -52,18 +63,21 @@ def make_pretrain_example(
     Returns clean1/clean2 (1, X, Y, Z): the two views (the reconstruction targets);
     input1/input2 (1, X, Y, Z): the network inputs, the views corrupted when ``corruptions`` is
     given, only the first ``restored`` of them (the others are the clean views, not copied);
-    flips1/flips2 (3,) bool and rot1/rot2 (): the spatial transform of each view; label
-    (X, Y, Z) in the first view's own frame (and label2 in the second's, with ``second``).
+    flips1/flips2 (3,) bool and rot1/rot2 (): the spatial transform of each view (and
+    warp1/warp2 (3, 3), applied before them, with ``views.warps``); label (X, Y, Z) in the
+    first patch's frame (and label2 in the second's, with ``second``).
     """
     example: dict[str, np.ndarray] = {"label": label}
     patches = (image, image if second is None else second[0])
     if second is not None:
         example["label2"] = second[1]
     for index, v in enumerate(("1", "2")):
+        patch = patches[index][None]  # (1, X, Y, Z)
+        if views.warps:  # drawn only then: the other settings keep their random streams
+            example[f"warp{v}"] = random_warp(rng, views)
+            patch = apply_warp(patch, example[f"warp{v}"])
         flips, rot = random_spatial(rng, views)
-        clean = augment_intensity(
-            apply_spatial(patches[index][None], flips, rot), rng, views
-        )  # (1, X, Y, Z)
+        clean = augment_intensity(apply_spatial(patch, flips, rot), rng, views)
         example[f"clean{v}"] = clean
         restore = corruptions is not None and index < restored
         example[f"input{v}"] = corrupt(clean, rng, corruptions) if restore else clean
@@ -88,4 +102,5 @@ def loss_example(
     example = make_pretrain_example(
         image, label, rng, views, corruptions if restored else None, restored, second
     )
-    return {k: example[k] for k in example_keys(restored, second is not None)}
+    keys = example_keys(restored, second is not None, views.warps)
+    return {k: example[k] for k in keys}

@@ -1,10 +1,16 @@
-"""Two views of a patch: independent intensity augmentation and flips/rot90 whose inverse is
-known, so that voxel i of one view's embedding map, mapped back, lies on voxel i of the other's.
+"""Two views of a patch: independent intensity augmentation and spatial transforms whose inverse
+is known, so that voxel i of one view's embedding map, mapped back, lies on voxel i of the other's.
 
 Spatial parameters of one view: ``flips`` (3,) bool over the three spatial axes and ``rot``
 k in 0..3, a rotation by k * 90 degrees in the first two spatial axes (the axial plane of a
 RAS volume). ``apply_spatial`` works on numpy (..., X, Y, Z) arrays in the data pipeline;
 ``invert_spatial`` undoes it on torch (B, C, X, Y, Z) tensors in the training step.
+
+With ``rotate_degrees`` or ``zoom`` set, each view is first resampled by its own small rotation
+in that plane and isotropic scale about the patch centre (``warp`` (3, 3): the view -> patch map
+of voxel offsets from the centre; ``random_warp``, ``apply_warp``). ``unwarp`` maps a view's
+voxel embeddings back onto the patch's grid (trilinear) and says which of the patch's voxels the
+view saw; the others are left out of the label term.
 """
 
 from __future__ import annotations
@@ -39,6 +45,13 @@ class ViewConfig:
     gamma: tuple[float, float] = (0.7, 1.5)  # gamma range
     noise_std: float = 0.03  # Gaussian noise std
     crop_offset: int = 0  # voxels per axis between the two views' crops (at most); 0: the same crop
+    rotate_degrees: float = 0.0  # each view rotated in-plane by up to this angle (+/-); 0: none
+    zoom: float = 0.0  # each view scaled by a factor in [1 - zoom, 1 + zoom]; 0: none
+
+    @property
+    def warps(self) -> bool:
+        """Whether each view is resampled by a small rotation or scale (``random_warp``)."""
+        return self.rotate_degrees > 0 or self.zoom > 0
 
     def __post_init__(self):
         if not 0 <= self.flip_prob <= 1:
@@ -48,6 +61,10 @@ class ViewConfig:
         offset = self.crop_offset
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"crop_offset must be an integer >= 0 (voxels), got {offset!r}")
+        if not 0 <= self.rotate_degrees <= 45:
+            raise ValueError(f"rotate_degrees must be in [0, 45], got {self.rotate_degrees}")
+        if not 0 <= self.zoom < 0.5:
+            raise ValueError(f"zoom must be in [0, 0.5), got {self.zoom}")
 
 
 def random_spatial(rng: np.random.Generator, config: ViewConfig) -> tuple[np.ndarray, int]:
@@ -81,6 +98,50 @@ def invert_spatial(x: torch.Tensor, flips: torch.Tensor, rots: torch.Tensor) -> 
             sample = torch.flip(sample, dims=axes)
         out.append(sample)
     return torch.stack(out)
+
+
+def random_warp(rng: np.random.Generator, config: ViewConfig) -> np.ndarray:
+    """One view's warp (3, 3) float32: voxel offset from the centre in the view -> in the patch,
+    a rotation by an angle in +/- ``rotate_degrees`` in the (X, Y) plane divided by a scale in
+    [1 - zoom, 1 + zoom] (a scale above 1 shows a smaller region, magnified)."""
+    angle = np.deg2rad(rng.uniform(-config.rotate_degrees, config.rotate_degrees))
+    scale = rng.uniform(1 - config.zoom, 1 + config.zoom)
+    c, s = np.cos(angle), np.sin(angle)
+    rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    return (rotation / scale).astype(np.float32)
+
+
+def apply_warp(x: np.ndarray, warp: np.ndarray) -> np.ndarray:
+    """x: (..., X, Y, Z) float; the view whose voxel at centre offset q shows the patch at centre
+    offset ``warp @ q`` (trilinear; outside the patch, its nearest edge voxel)."""
+    from scipy.ndimage import affine_transform
+
+    centre = (np.asarray(x.shape[-3:], dtype=np.float64) - 1) / 2
+    matrix = warp.astype(np.float64)
+    offset = centre - matrix @ centre
+    flat = x.reshape(-1, *x.shape[-3:])
+    out = np.stack([affine_transform(v, matrix, offset, order=1, mode="nearest") for v in flat])
+    return out.reshape(x.shape).astype(x.dtype, copy=False)
+
+
+def unwarp(x: torch.Tensor, warps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undo ``apply_warp`` per sample on the views' maps. x: (B, C, X, Y, Z) in the views'
+    frames; warps: (B, 3, 3). Returns the maps on the patch's grid (trilinear) and (B, X, Y, Z)
+    bool: the patch voxels that lie inside their view (the others are zeros)."""
+    import torch
+    import torch.nn.functional as F
+
+    half = (torch.tensor(x.shape[2:], dtype=torch.float32, device=x.device) - 1) / 2
+    # patch offset p -> view offset warp^-1 p, in [-1, 1] units per axis (align_corners=True)
+    inverse = torch.linalg.inv(warps.float())
+    theta = inverse * half[None, None, :] / half[None, :, None]  # diag(1/h) W^-1 diag(h)
+    order = [2, 1, 0]  # grid_sample's coordinates are (Z, Y, X): the last axis first
+    theta = theta[:, order][:, :, order]
+    affine = torch.cat([theta, theta.new_zeros(theta.shape[0], 3, 1)], dim=2)
+    grid = F.affine_grid(affine, list(x.shape), align_corners=True)
+    out = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", align_corners=True)
+    valid = (grid.abs() <= 1 + 1e-4).all(dim=-1)
+    return out, valid
 
 
 def augment_intensity(x: np.ndarray, rng: np.random.Generator, config: ViewConfig) -> np.ndarray:

@@ -48,6 +48,8 @@ class MixCLLoss(nn.Module):
         c = self.config
         # views cropped apart carry a label each (ViewConfig.crop_offset)
         view_labels = (batch["label"], batch["label2"]) if "label2" in batch else batch["label"]
+        if "voxel_valid" in out1:  # warped views: only the voxels a view saw
+            view_labels = seen_labels(view_labels, out1["voxel_valid"], out2["voxel_valid"])
         embeddings, labels, annotated = sample_voxels(
             (out1["voxel_embeddings"], out2["voxel_embeddings"]),
             view_labels,
@@ -112,6 +114,20 @@ class MixCLLoss(nn.Module):
         return terms
 
 
+def seen_labels(labels, valid1: torch.Tensor, valid2: torch.Tensor):
+    """The label term's labels with the voxels a warped view did not see marked unlabelled: per
+    view when the views are cropped apart (a tuple of labels), else where either view did not
+    see them (both views' voxels are drawn at the same locations)."""
+    from mixcl_ray.losses.label import UNLABELLED
+
+    def keep(label, valid):
+        return torch.where(valid, label, torch.full_like(label, UNLABELLED))
+
+    if isinstance(labels, tuple):
+        return keep(labels[0], valid1), keep(labels[1], valid2)
+    return keep(labels, valid1 & valid2)
+
+
 def view_outputs(
     model: nn.Module, heads: tuple[str, ...], batch: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -129,7 +145,10 @@ def view_outputs(
     keys = ("clean1", "clean2", "input1") if both else ("input1", "input2")
     flips = [batch["flips" + k[-1]] for k in keys]
     rots = [batch["rot" + k[-1]] for k in keys]
-    out = model(torch.cat([batch[k] for k in keys]), heads, torch.cat(flips), torch.cat(rots))
+    warps = torch.cat([batch["warp" + k[-1]] for k in keys]) if "warp1" in batch else None
+    out = model(
+        torch.cat([batch[k] for k in keys]), heads, torch.cat(flips), torch.cat(rots), warps
+    )
     b = batch["input1"].shape[0]
 
     def part(name: str, view: int) -> torch.Tensor:

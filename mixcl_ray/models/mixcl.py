@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixcl_ray.config import ModelConfig
-from mixcl_ray.data.views import invert_spatial
+from mixcl_ray.data.views import invert_spatial, unwarp
 from mixcl_ray.models.backbones import build_backbone
 
 HEADS = ("global", "dense", "reconstruction")
@@ -97,6 +97,7 @@ class MixCLModel(nn.Module):
         heads: tuple[str, ...] = HEADS,
         flips: torch.Tensor | None = None,
         rots: torch.Tensor | None = None,
+        warps: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """x: (B, C, D, H, W). Returns those of ``global_embedding`` (B, G), ``voxel_embeddings``
         (B, E, D, H, W) and ``reconstruction`` (B, C, D, H, W) that ``heads`` asks for.
@@ -104,7 +105,10 @@ class MixCLModel(nn.Module):
         With the view's spatial transform (``flips`` (B, 3), ``rots`` (B,), see
         ``mixcl_ray.data.views``), the bottleneck grid and the voxel embeddings are mapped back
         to the patch's own frame, so that both views of a patch line up; the reconstruction
-        stays in the view's frame, like its target.
+        stays in the view's frame, like its target. With ``warps`` (B, 3, 3) as well, the voxel
+        embeddings are then resampled onto the patch's grid (``unwarp``) and ``voxel_valid``
+        (B, D, H, W) says which patch voxels the view saw; the bottleneck grid, a few voxels
+        wide, is left as it is under a small rotation or scale.
         """
         unknown = set(heads) - set(HEADS)
         if unknown:
@@ -121,9 +125,11 @@ class MixCLModel(nn.Module):
             out["global_embedding"] = self.global_head(bottleneck)
         if "dense" in heads:
             embeddings = self.dense_head(levels if from_encoder else features)
-            out["voxel_embeddings"] = (
-                invert_spatial(embeddings, flips, rots) if flips is not None else embeddings
-            )
+            if flips is not None:
+                embeddings = invert_spatial(embeddings, flips, rots)
+            if warps is not None:
+                embeddings, out["voxel_valid"] = unwarp(embeddings, warps)
+            out["voxel_embeddings"] = embeddings
         if "reconstruction" in heads:
             out["reconstruction"] = self.reconstruction_head(features)
         return out
