@@ -44,21 +44,20 @@ def pairs(rows: list[dict], method: str, fraction: float, baseline: str = "scrat
 
 def bootstrap_ci(found: list[dict], rounds: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
     """95 % interval of the mean paired difference: resample the pairs, then each resampled
-    pair's test cases (a pair without per-case values contributes its mean)."""
+    pair's test cases (a pair without per-case values contributes its mean). All rounds at once:
+    each pair's case resamples are drawn for every time the pair was picked."""
     rng = np.random.default_rng(seed)
-    means = np.empty(rounds)
-    for r in range(rounds):
-        picked = rng.integers(0, len(found), len(found))
-        values = []
-        for i in picked:
-            cases = found[i]["per_case"]
-            values.append(
-                cases[rng.integers(0, len(cases), len(cases))].mean()
-                if len(cases)
-                else found[i]["diff"]
-            )
-        means[r] = np.mean(values)
-    lo, hi = np.percentile(means, [2.5, 97.5])
+    picked = rng.integers(0, len(found), (rounds, len(found)))  # the pairs of each round
+    values = np.empty(picked.shape)
+    for i, pair in enumerate(found):
+        where = picked == i
+        cases = pair["per_case"]
+        if len(cases):
+            draws = rng.integers(0, len(cases), (int(where.sum()), len(cases)))
+            values[where] = cases[draws].mean(axis=1)
+        else:
+            values[where] = pair["diff"]
+    lo, hi = np.percentile(values.mean(axis=1), [2.5, 97.5])
     return float(lo), float(hi)
 
 
