@@ -2,7 +2,10 @@
 trial by trial on the same labelled subset and seed, with a 95 % confidence interval from a
 hierarchical bootstrap (the pairs, then the test cases of each pair).
 
-A difference whose interval spans 0 is no detectable difference."""
+A difference whose interval spans 0 is no detectable difference. A sweep whose grid varies more
+than the method, fraction, subset and seed (``l_id``, ``rotate_degrees``, ``lr``, ...) has arms
+(``label_arms``): each is its own row of the tables, paired with scratch at the same fine-tuning
+settings."""
 
 from __future__ import annotations
 
@@ -10,6 +13,42 @@ import numpy as np
 
 BOOTSTRAP = 2000
 PAIR_KEY = ("label_subset", "seed")
+# what tells the cells of one arm apart, not the arms
+CELL_DIMENSIONS = ("method", "label_fraction", *PAIR_KEY)
+
+
+def label_arms(rows: list[dict], dimensions) -> list[dict]:
+    """Rows (with ``params``: their sweep dimensions' values) labelled by arm: a method whose
+    rows differ in some of ``dimensions`` besides ``CELL_DIMENSIONS`` splits into one arm per
+    combination of those, ``method`` becoming e.g. "mixcl rotate_degrees=10.0" (``base_method``
+    keeps the method); ``baseline`` names the scratch arm of the same fine-tuning settings, the
+    one each arm is paired with. Rows of a sweep that varies nothing else keep their names."""
+
+    def varying(method: str) -> list[str]:
+        group = [r.get("params") or {} for r in rows if r["method"] == method]
+        return [
+            n
+            for n in dimensions
+            if n not in CELL_DIMENSIONS and len({str(p.get(n)) for p in group}) > 1
+        ]
+
+    arms = {m: varying(m) for m in {r["method"] for r in rows}}
+
+    def label(method: str, params: dict, names: list[str]) -> str:
+        return " ".join([method, *(f"{n}={params.get(n)}" for n in names)])
+
+    out = []
+    for row in rows:
+        params = row.get("params") or {}
+        out.append(
+            {
+                **row,
+                "base_method": row["method"],
+                "method": label(row["method"], params, arms[row["method"]]),
+                "baseline": label("scratch", params, arms.get("scratch", [])),
+            }
+        )
+    return out
 
 
 def _pair_key(row: dict) -> tuple:
@@ -66,7 +105,7 @@ def summary(rows: list[dict]) -> list[dict]:
     difference to scratch with its 95 % interval and number of pairs."""
     out = []
     fractions = sorted({r["label_fraction"] for r in rows})
-    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "scratch", m))
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (not _is_scratch(rows, m), m))
     for fraction in fractions:
         for method in methods:
             cell = [
@@ -74,7 +113,7 @@ def summary(rows: list[dict]) -> list[dict]:
             ]
             if not cell:
                 continue
-            if method == "scratch":
+            if _is_scratch(rows, method):
                 out.append(
                     {
                         "method": method,
@@ -84,8 +123,16 @@ def summary(rows: list[dict]) -> list[dict]:
                     }
                 )
                 continue
-            out.append({"method": method, **compare(rows, method, fraction)})
+            baseline = next(r.get("baseline", "scratch") for r in rows if r["method"] == method)
+            out.append({"method": method, **compare(rows, method, fraction, baseline)})
     return out
+
+
+def _is_scratch(rows: list[dict], method: str) -> bool:
+    """Whether ``method`` (a method or an arm, ``label_arms``) trains from scratch."""
+    return any(
+        r.get("base_method", r["method"]) == "scratch" for r in rows if r["method"] == method
+    )
 
 
 def compare(rows: list[dict], method: str, fraction: float, baseline: str = "scratch") -> dict:
@@ -93,6 +140,8 @@ def compare(rows: list[dict], method: str, fraction: float, baseline: str = "scr
     there are any the mean paired difference and (given a spread) its 95 % interval."""
     found = pairs(rows, method, fraction, baseline)
     entry = {"label_fraction": fraction, "n_pairs": len(found)}
+    if baseline != "scratch":  # an arm of a sweep that varies more (``label_arms``)
+        entry["baseline"] = baseline
     if found:
         entry["mean_diff"] = float(np.mean([p["diff"] for p in found]))
         # one pair without per-case values has no spread to resample
@@ -111,8 +160,10 @@ def render(entries: list[dict]) -> str:
     ]
     for e in entries:
         fraction = f"{100 * e['label_fraction']:g} %"
-        if e["method"] == "scratch":
-            lines.append(f"| scratch | {fraction} | {e['n']} runs | mean {e['mean']:.3f} | | |")
+        if "mean" in e:  # scratch (or one of its arms): its own mean
+            lines.append(
+                f"| {e['method']} | {fraction} | {e['n']} runs | mean {e['mean']:.3f} | | |"
+            )
         elif not e["n_pairs"]:
             lines.append(f"| {e['method']} | {fraction} | 0 | | | no pair with scratch |")
         elif "ci95" not in e:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from mixcl_ray import tracking, tracking_access
+from mixcl_ray.dimensions import DIMENSIONS
+from mixcl_ray.paired import label_arms
 
 REPORT_METRIC = "test/dice_mean"
 CURVE_METRIC = "val/dice_mean"
@@ -27,7 +29,9 @@ CURVE_METRIC = "val/dice_mean"
 def collect(
     uri: str, experiment: str, parent_id: str | None = None
 ) -> tuple[list[dict], str | None]:
-    """Finished trial runs of the sweep (the latest sweep of the experiment by default)."""
+    """Finished trial runs of the sweep (the latest sweep of the experiment by default), by
+    arm where the sweep varies more than method, fraction, subset and seed
+    (``mixcl_ray.paired.label_arms``)."""
     client = tracking._client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -67,9 +71,10 @@ def collect(
                 "data_fingerprint": p.get("data_fingerprint"),
                 # the pre-training's (l_id, l_label, l_rec); zeros for scratch
                 "weights": [float(p.get(k, 0.0)) for k in ("l_id", "l_label", "l_rec")],
+                "params": {n: p.get(n) for n in DIMENSIONS},  # what tells arms apart
             }
         )
-    return rows, parent_id
+    return label_arms(rows, DIMENSIONS), parent_id
 
 
 def with_per_case(uri: str, rows: list[dict]) -> list[dict]:

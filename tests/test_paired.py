@@ -62,6 +62,51 @@ def test_trials_pair_on_subset_and_seed_and_per_case_on_common_cases():
     assert "no pair with scratch" in paired.render([entries["label"]])
 
 
+def test_a_sweep_that_varies_more_has_arms_each_paired_with_scratch_at_its_settings():
+    """A grid over l_id (a pre-training setting) and lr (a fine-tuning one): MixCL splits into
+    four arms, scratch into two; each arm pairs with the scratch arm of its own lr, and none
+    of them mixes into another's mean. A sweep that varies nothing else keeps its names."""
+    dims = ("method", "label_fraction", "label_subset", "seed", "l_id", "lr", "zoom")
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (0, 1):
+        for subset in (0, 1, 2):
+            for lr in ("0.001", "0.002"):
+                base = {f"c{i}": float(v) for i, v in enumerate(rng.uniform(0.3, 0.6, 20))}
+                params = {"l_id": "0.0", "lr": lr, "zoom": ""}
+                rows.append(_row("scratch", 0.05, seed, subset, base, params=params))
+                for l_id, gain in (("0.0", 0.0), ("1.0", 0.1 if lr == "0.002" else 0.05)):
+                    better = {c: v + gain + float(rng.normal(0, 0.02)) for c, v in base.items()}
+                    params = {"l_id": l_id, "lr": lr, "zoom": "0.0"}
+                    rows.append(_row("mixcl", 0.05, seed, subset, better, params=params))
+    arms = paired.label_arms(rows, dims)
+    assert {r["method"] for r in arms} == {
+        "scratch lr=0.001",
+        "scratch lr=0.002",
+        "mixcl l_id=0.0 lr=0.001",
+        "mixcl l_id=0.0 lr=0.002",
+        "mixcl l_id=1.0 lr=0.001",
+        "mixcl l_id=1.0 lr=0.002",
+    }
+    entries = {e["method"]: e for e in paired.summary(arms)}
+    assert entries["scratch lr=0.001"]["n"] == 6 and "mean" in entries["scratch lr=0.002"]
+    best = entries["mixcl l_id=1.0 lr=0.002"]
+    assert best["baseline"] == "scratch lr=0.002" and best["n_pairs"] == 6
+    assert best["mean_diff"] == pytest.approx(0.1, abs=0.01) and best["ci95"][0] > 0.08
+    assert entries["mixcl l_id=1.0 lr=0.001"]["mean_diff"] == pytest.approx(0.05, abs=0.01)
+    none = entries["mixcl l_id=0.0 lr=0.001"]
+    assert none["n_pairs"] == 6 and none["ci95"][0] < 0 < none["ci95"][1]
+    text = paired.render(list(entries.values()))
+    assert "| scratch lr=0.002 | 5 % | 6 runs |" in text
+    assert "| mixcl l_id=1.0 lr=0.002 | 5 % | 6 |" in text
+    # one arm per method: the names, pairs and numbers of the plain study
+    plain = [r for r in rows if r["params"]["lr"] == "0.001" and r["params"]["l_id"] != "0.0"]
+    plain += [r for r in rows if r["method"] == "scratch" and r["params"]["lr"] == "0.001"]
+    labelled = paired.label_arms(plain, dims)
+    assert {r["method"] for r in labelled} == {"scratch", "mixcl"}
+    assert paired.summary(labelled) == paired.summary(plain)
+
+
 def test_the_bootstrap_is_seeded_and_resamples_pairs_then_cases():
     found = paired.pairs(_study(gain=0.02, noise=0.1, pairs=3), "mixcl", 0.05)
     assert paired.bootstrap_ci(found) == paired.bootstrap_ci(found)

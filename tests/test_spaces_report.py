@@ -33,6 +33,7 @@ SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
         "pretrained_lr",
         "label_efficiency_slow_encoder",
         "scratch_slow_encoder",
+        "view_geometry",
     ],
 )
 def test_shipped_spaces_are_valid(name):
@@ -227,6 +228,33 @@ def test_report_on_known_runs(known_store, tmp_path):
         dice = row["test"]
         assert [epoch for epoch, _ in row["curve"]] == [0, 1, 2]
         assert [val for _, val in row["curve"]] == pytest.approx([dice - 0.1, dice + 0.01, dice])
+
+
+def test_a_sweep_over_a_view_setting_is_reported_by_arm(tmp_path):
+    """Trials logged as a sweep over rotate_degrees logs them: the report reads the dimension
+    from each run's params and gives each MixCL arm its own row and its own pairs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "arms", tmp_path / "artifacts")
+    parent = tracking.start_run(uri, exp, "sweep", {"mixcl.stage": "sweep"}, {"space": "t"})
+    trials = [("scratch", "", s, 0.3 + 0.1 * s) for s in (0, 1)]
+    trials += [
+        ("mixcl", r, s, 0.3 + 0.1 * s + (0.2 if r else 0.05)) for r in (0, 10) for s in (0, 1)
+    ]
+    for method, rotate, seed, dice in trials:
+        params = {"method": method, "label_fraction": 0.05, "seed": seed, "rotate_degrees": rotate}
+        run = tracking.start_run(uri, exp, method, {"mixcl.stage": "trial"}, params, parent)
+        tracking.log_metrics(uri, run, {"test/dice_mean": dice}, step=0)
+        tracking.end_run(uri, run)
+    rows, _ = collect(uri, "arms")
+    assert sorted({r["method"] for r in rows}) == [
+        "mixcl rotate_degrees=0",
+        "mixcl rotate_degrees=10",
+        "scratch",
+    ]
+    text, _ = make_report(uri, "arms", tmp_path / "report")
+    assert "| mixcl rotate_degrees=10 | 5 % | 2 | +0.200 | [+0.200, +0.200] | better" in text
+    assert "| mixcl rotate_degrees=0 | 5 % | 2 | +0.050 | [+0.050, +0.050] | better" in text
+    assert "| scratch | 5 % | 2 runs | mean 0.350 |" in text
 
 
 def test_differences_inside_the_spread_are_marked():
