@@ -128,6 +128,13 @@ def latest_rows(tracking_uri: str, experiment: str, since: float | None = None) 
         started = tracking._client(tracking_uri).get_run(parent_id).info.start_time
         if started < since * 1000:
             return []
+    arms = sorted({r["method"] for r in rows if r["method"] != r["base_method"]})
+    if arms:  # each cell's weights are its method's: a sweep over other settings has arms
+        raise SystemExit(
+            f"the latest sweep of {experiment!r} varies more than method, label fraction, subset "
+            f"and seed (arms: {', '.join(arms)}): this benchmark records one arm per method; "
+            f"report that sweep with python -m mixcl_ray.report --experiment {experiment}"
+        )
     return with_per_case(tracking_uri, rows)
 
 

@@ -413,6 +413,16 @@ def test_label_efficiency_records_only_a_sweep_of_its_own_run(tmp_path, monkeypa
     assert row["commit"] == "abc1234"
     assert latest_rows(uri, "study", since=time.time() + 1) == []  # began before this run
     assert latest_rows(uri, "missing experiment") == []
+    # a sweep over another setting (two MixCL arms) is not a study this benchmark records
+    other = client.create_run(
+        exp, tags={"mixcl.stage": "trial", "mlflow.parentRunId": sweep.info.run_id}
+    )
+    for name, value in {**params, "l_id": "1.0", "l_label": "1.0", "l_rec": "0.5"}.items():
+        client.log_param(other.info.run_id, name, value)
+    client.log_metric(other.info.run_id, "test/dice_mean", 0.5)
+    client.set_terminated(other.info.run_id)
+    with pytest.raises(SystemExit, match=r"arms: mixcl l_id=0.0, mixcl l_id=1.0.*mixcl_ray.report"):
+        latest_rows(uri, "study")
 
 
 def test_label_efficiency_cells_name_their_machine_and_mixed_machines_are_said(
