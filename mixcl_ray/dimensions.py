@@ -25,6 +25,22 @@ def _whole_voxels(value) -> str | None:
     return None if ok else f"{value!r} is not a whole number of voxels >= 0"
 
 
+def _view_setting(field: str):
+    """The check of a ``ViewConfig`` field: the config's own validation, so the ranges live in
+    one place."""
+
+    def check(value) -> str | None:
+        from mixcl_ray.data.views import ViewConfig
+
+        try:
+            ViewConfig(**{field: value})
+        except ValueError as err:
+            return str(err)
+        return None
+
+    return check
+
+
 @dataclass(frozen=True)
 class Dimension:
     name: str
@@ -111,7 +127,7 @@ DIMENSIONS: dict[str, Dimension] = {
             "views.rotate_degrees",
             float,
             "each view's in-plane rotation, up to +/- this many degrees",
-            check=lambda v: None if 0 <= v <= 45 else f"{v} is not in [0, 45]",
+            check=_view_setting("rotate_degrees"),
         ),
         Dimension(
             "zoom",
@@ -119,7 +135,7 @@ DIMENSIONS: dict[str, Dimension] = {
             "views.zoom",
             float,
             "each view's scale, in [1 - zoom, 1 + zoom]",
-            check=lambda v: None if 0 <= v < 0.5 else f"{v} is not in [0, 0.5)",
+            check=_view_setting("zoom"),
         ),
         Dimension(
             "dense_source",

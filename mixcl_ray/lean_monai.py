@@ -3,9 +3,9 @@
 ``import monai`` imports every MONAI submodule, and MONAI's ``optional_import`` imports an
 optional package at once when it is installed: mlflow (MONAI's MLflow handler), matplotlib (its
 plots), pandas (its CSV datasets), scikit-learn (an embedding metric, pulling in pandas and
-scipy.stats) and scipy.signal (two transforms). On one core
-of a 2-core machine that is 3.2 of MONAI's 5.3 s, and every fit starts worker processes that
-import MONAI, two at once (``benchmarks/fit_cost.py`` counts it in the fit's start).
+scipy.stats) and scipy.signal (two transforms). On one core of a 2-core machine that was 3.9 of
+MONAI's 5.7 s, and every fit starts worker processes that import MONAI, two at once
+(``benchmarks/fit_cost.py`` counts it in the fit's start).
 
 ``hide_from_monai()`` installs an import finder that refuses those packages to MONAI's own code
 while MONAI loads, so MONAI records them as not installed; any other import of them, then or

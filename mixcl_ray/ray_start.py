@@ -40,10 +40,11 @@ def setup_worker() -> None:
 
 def init_ray(address: str | None = None, **ray_init) -> None:
     """Start (or join) Ray as every mixcl_ray process does: quiet logs, and for every process
-    of the job (on every node) the setup hook (``setup_worker``), Ray Train's 0.5 s poll and no preemption watcher
-    (``JOB_ENV_DEFAULTS``; a value set in this process's environment wins); a node it starts keeps
-    idle worker processes for minutes, not 1 s (``IDLE_WORKER_ENV``). ``ray_init``: more
-    ``ray.init`` arguments (``num_cpus``, ``include_dashboard``, ...), overriding those."""
+    of the job (on every node) the setup hook (``setup_worker``), Ray Train's 0.5 s poll and no
+    preemption watcher (``JOB_ENV_DEFAULTS``; a value set in this process's environment wins); a
+    node it starts keeps idle worker processes for minutes, not 1 s (``IDLE_WORKER_ENV``).
+    ``ray_init``: more ``ray.init`` arguments (``num_cpus``, ``include_dashboard``, ...),
+    overriding those."""
     import logging
 
     import ray
