@@ -46,6 +46,12 @@ def phases(history: list[dict], last: dict, fit_call: float, fit_return: float) 
     return out
 
 
+def epoch_steps(history: list[dict], last: dict) -> list[float]:
+    """Each epoch's training steps (rank 0's seconds, data wait left out)."""
+    epochs = [*history[:-1], {**history[-1], **last}]
+    return [e["time/train_s"] - e["time/data_wait_s"] for e in epochs]
+
+
 def main() -> None:
     parser = common.parser(__doc__)
     parser.add_argument("--space", default="demo", help="the study whose cell is measured")
@@ -92,6 +98,8 @@ def main() -> None:
     for name, value in seconds.items():
         print(f"  {name:<16}{value:8.1f} s {100 * value / total:6.1f} %")
     print(f"  {'total':<16}{total:8.1f} s; fixed {fixed:.1f} s ({100 * fixed / total:.1f} %)")
+    per_epoch = epoch_steps(result.history, result.metrics)
+    print("  training steps per epoch (s): " + ", ".join(f"{s:.1f}" for s in per_epoch))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": "python benchmarks/fit_cost.py "
@@ -105,6 +113,7 @@ def main() -> None:
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "total_s": round(total, 2),
         "fixed_share": round(fixed / total, 4),
+        "training_steps_per_epoch_s": [round(s, 2) for s in per_epoch],
         "val_dice_mean": result.metrics.get("val/best_dice_mean"),
     }
     args.out.write_text(json.dumps(record, indent=2) + "\n")

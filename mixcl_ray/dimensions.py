@@ -20,6 +20,10 @@ def _whole(value) -> str | None:
     return None if value >= 0 and value == int(value) else f"{value!r} is not a whole number >= 0"
 
 
+def _positive_whole(value) -> str | None:
+    return None if value >= 1 and value == int(value) else f"{value!r} is not a whole number >= 1"
+
+
 def _whole_voxels(value) -> str | None:
     ok = value >= 0 and value == int(value)
     return None if ok else f"{value!r} is not a whole number of voxels >= 0"
@@ -114,6 +118,15 @@ DIMENSIONS: dict[str, Dimension] = {
         Dimension("lr", "finetune", "optim.lr", float, "fine-tuning learning rate"),
         Dimension("pretrain_lr", "pretrain", "optim.lr", float, "pre-training learning rate"),
         Dimension(
+            "pretrain_epochs",
+            "pretrain",
+            "optim.epochs",
+            int,
+            "pre-training epochs (the pre-training budget)",
+            check=_positive_whole,
+            absent=0,
+        ),
+        Dimension(
             "crop_offset",
             "pretrain",
             "views.crop_offset",
@@ -201,7 +214,6 @@ def trial_params(
         params["pretrained_lr_scale"] = ""  # one rate for every parameter
     return {
         **params,
-        "pretrain_epochs": pre_cfg.optim.epochs if pre_cfg else 0,
         "finetune_epochs": ft_cfg.optim.epochs,
         "load_decoder": ft_cfg.load_decoder if pretrained else "",
         "preset": preset,

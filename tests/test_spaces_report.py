@@ -63,6 +63,7 @@ def test_shipped_spaces_are_valid(name):
         ("space: {seed: 0}\nsearch_seed: 1.5\n", "search_seed must be a non-negative integer"),
         ("space: {crop_offset: {grid: [0, 2.5]}}\n", "crop_offset: 2.5 is not a whole number"),
         ("space: {dense_source: bottleneck}\n", "dense_source: 'bottleneck' is not one of"),
+        ("space: {pretrain_epochs: {grid: [3, 0]}}\n", "pretrain_epochs: 0 is not a whole number"),
     ],
 )
 def test_space_errors_name_the_file_and_the_key(tmp_path, text, message):
@@ -389,6 +390,25 @@ def test_crop_offset_dimension_sets_the_pretraining_views_and_is_a_param():
     assert trial_params({"method": "mixcl"}, pre, ft, **ctx)["crop_offset"] == 6
     assert trial_params({"method": "scratch"}, None, ft, **ctx)["crop_offset"] == ""
     assert stage_overrides("pretrain", {"method": "scratch", "crop_offset": 6}, {}) is None
+
+
+def test_pretrain_epochs_dimension_sets_the_pretraining_budget_and_is_a_param():
+    from mixcl_ray.config import load_config
+    from mixcl_ray.dimensions import stage_overrides, trial_params
+
+    fixed = {"optim": {"epochs": 3, "lr": 0.01}}
+    over = stage_overrides("pretrain", {"method": "mixcl", "pretrain_epochs": 12}, fixed)
+    pre = load_config("pretrain", overrides=over)
+    assert pre.optim.epochs == 12 and pre.optim.lr == 0.01
+    assert (
+        load_config("pretrain", overrides=stage_overrides("pretrain", {}, fixed)).optim.epochs == 3
+    )
+    ft = load_config("finetune")
+    ctx = {"preset": "cpu-tiny", "fingerprint": "f" * 64}
+    assert trial_params({"method": "mixcl"}, pre, ft, **ctx)["pretrain_epochs"] == 12
+    assert trial_params({"method": "scratch"}, None, ft, **ctx)["pretrain_epochs"] == 0
+    finetune = stage_overrides("finetune", {"method": "mixcl", "pretrain_epochs": 12}, {})
+    assert "epochs" not in finetune.get("optim", {})
 
 
 def test_dense_source_dimension_sets_the_pretraining_model_and_is_a_param():
