@@ -130,6 +130,10 @@ def run_sweep(
         for artifact in artifacts:
             tracking.log_artifact(uri, parent_id, artifact, "sweep")
 
+    # a fine-tuning validates every val_every epochs (and always at its last), so its other
+    # epochs report no validation metric: Tune's check that every result has the space's
+    # metric would end the sweep at the first of them (ASHA decides on validated epochs only)
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     init_ray(address)
     ctx = SweepContext(
         data=str(data_dir),

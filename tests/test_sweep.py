@@ -50,6 +50,7 @@ pretrain:
   patches: {{patches_per_case: 1, batch_size: 2}}
 finetune:
   optim: {{epochs: {epochs}}}
+  val_every: {val_every}
   min_patches_per_epoch: 16
   patches: {{patches_per_case: 4}}
 space:
@@ -136,7 +137,9 @@ def store_sweep(prepared_benchmark, ray_paused, mlflow_server, s3_env, tmp_path_
         space.write_text(
             SPACE.format(
                 experiment="sweep-test",
-                epochs=1,
+                # epoch 0 reports no validation (Tune must take such results)
+                epochs=2,
+                val_every=2,
                 scheduler="{type: none}",  # every trial runs its full budget (ASHA: below)
                 # two trials at once on the 2 CPUs, each sizing its workers on its half; the two
                 # MixCL trials then ask for the one pre-training together (the cache lock)
@@ -264,7 +267,7 @@ def test_store_sweep_trials_log_epochs_test_scores_artifacts_and_checkpoints(
     client, _, trials = sweep_runs
     for t in trials:
         history = client.get_metric_history(t.info.run_id, "val/dice_mean")
-        assert [m.step for m in history] == [0]
+        assert [m.step for m in history] == [1]  # validated at the last epoch only
         assert {"test/dice_mean", "val/dice/spleen", "train/loss", "train/patches_per_s"} <= set(
             t.data.metrics
         )
@@ -350,6 +353,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_ended_trials(prepared_ben
     text = SPACE.format(
         experiment="resume-test",
         epochs=3,
+        val_every=1,
         scheduler="{type: asha, max_t: 1, grace_period: 1}",
         concurrent=1,
     )
