@@ -31,8 +31,16 @@ def ensure_data(data: Path | str | None) -> Path:
 
 
 def machine() -> str:
+    """The line every script prints first: the CPU's model and the vector instructions torch
+    uses on it (two machines sold as the same CPU name can differ 2x in these benchmarks)."""
+    import torch
+
+    from mixcl_ray.train_utils import cpu_model
+
+    cpu = f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}"
     return (
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), "
+        f"python {platform.python_version()}"
     )
 
 

@@ -100,12 +100,19 @@ def bootstrap_ci(found: list[dict], rounds: int = BOOTSTRAP, seed: int = 0) -> t
     return float(lo), float(hi)
 
 
-def summary(rows: list[dict]) -> list[dict]:
+def summary(rows: list[dict], versus: str | None = None) -> list[dict]:
     """One entry per (method, fraction): scratch's own mean, every other method's paired mean
-    difference to scratch with its 95 % interval and number of pairs."""
+    difference to scratch with its 95 % interval and number of pairs. ``versus``: a method or
+    arm to pair every other one with instead (its own mean first; e.g. one arm of MixCL against
+    another, the question of whether a change to the method helps)."""
+    if versus is not None and versus not in {r["method"] for r in rows}:
+        names = ", ".join(sorted({r["method"] for r in rows}))
+        raise ValueError(f"no method or arm named {versus!r} in the sweep; it has: {names}")
     out = []
     fractions = sorted({r["label_fraction"] for r in rows})
     methods = sorted({r["method"] for r in rows}, key=lambda m: (not _is_scratch(rows, m), m))
+    if versus is not None:
+        methods = [versus, *(m for m in methods if m != versus)]
     for fraction in fractions:
         for method in methods:
             cell = [
@@ -113,7 +120,7 @@ def summary(rows: list[dict]) -> list[dict]:
             ]
             if not cell:
                 continue
-            if _is_scratch(rows, method):
+            if method == versus or (versus is None and _is_scratch(rows, method)):
                 out.append(
                     {
                         "method": method,
@@ -123,7 +130,9 @@ def summary(rows: list[dict]) -> list[dict]:
                     }
                 )
                 continue
-            baseline = next(r.get("baseline", "scratch") for r in rows if r["method"] == method)
+            baseline = versus or next(
+                r.get("baseline", "scratch") for r in rows if r["method"] == method
+            )
             out.append({"method": method, **compare(rows, method, fraction, baseline)})
     return out
 
@@ -150,9 +159,11 @@ def compare(rows: list[dict], method: str, fraction: float, baseline: str = "scr
     return entry
 
 
-def render(entries: list[dict]) -> str:
+def render(entries: list[dict], versus: str | None = None) -> str:
+    """The entries of ``summary`` as a Markdown table (``versus`` as given to it)."""
+    other = versus or "scratch"
     lines = [
-        "Paired difference to scratch (test Dice, same labelled subset and seed; 95 % "
+        f"Paired difference to {other} (test Dice, same labelled subset and seed; 95 % "
         "bootstrap interval over pairs, then cases):",
         "",
         "| method | label fraction | pairs | difference | 95 % interval | verdict |",
@@ -160,12 +171,12 @@ def render(entries: list[dict]) -> str:
     ]
     for e in entries:
         fraction = f"{100 * e['label_fraction']:g} %"
-        if "mean" in e:  # scratch (or one of its arms): its own mean
+        if "mean" in e:  # the baseline (scratch or one of its arms, or versus): its own mean
             lines.append(
                 f"| {e['method']} | {fraction} | {e['n']} runs | mean {e['mean']:.3f} | | |"
             )
         elif not e["n_pairs"]:
-            lines.append(f"| {e['method']} | {fraction} | 0 | | | no pair with scratch |")
+            lines.append(f"| {e['method']} | {fraction} | 0 | | | no pair with {other} |")
         elif "ci95" not in e:
             lines.append(
                 f"| {e['method']} | {fraction} | 1 | {e['mean_diff']:+.3f} | | one pair: no "
@@ -176,7 +187,7 @@ def render(entries: list[dict]) -> str:
             verdict = (
                 "no detectable difference"
                 if lo <= 0 <= hi
-                else ("better than scratch" if lo > 0 else "worse than scratch")
+                else (f"better than {other}" if lo > 0 else f"worse than {other}")
             )
             lines.append(
                 f"| {e['method']} | {fraction} | {e['n_pairs']} | {e['mean_diff']:+.3f} | "

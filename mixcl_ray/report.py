@@ -193,8 +193,10 @@ def make_report(
     out_dir: str | Path,
     parent_id: str | None = None,
     allow_mixed: bool = False,
+    versus: str | None = None,
 ) -> tuple[str, Path]:
-    """The report's text and plot; also ``paired.json``, the paired comparison as data."""
+    """The report's text and plot; also ``paired.json``, the paired comparison as data (to
+    scratch, or to the method or arm ``versus``)."""
     from mixcl_ray import paired
     from mixcl_ray.plots import label_efficiency_png, validation_curves_png
 
@@ -206,15 +208,17 @@ def make_report(
     if not allow_mixed:
         check_one_kind(rows)
     summary = summarise(rows)
-    comparison = paired.summary(with_per_case(uri, rows))
-    text = render_table(summary) + "\n\n" + paired.render(comparison)
+    comparison = paired.summary(with_per_case(uri, rows), versus)
+    text = render_table(summary) + "\n\n" + paired.render(comparison, versus)
     text += "\n\n" + hardware_line(rows)
     if best_models(rows):
         text += "\n\n" + best_models(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(text + "\n")
-    (out_dir / "paired.json").write_text(json.dumps({"summary": comparison}, indent=1) + "\n")
+    (out_dir / "paired.json").write_text(
+        json.dumps({"versus": versus or "scratch", "summary": comparison}, indent=1) + "\n"
+    )
     plot = out_dir / "label_efficiency.png"
     label_efficiency_png(summary, plot, "test Dice (mean over organs)")
     curves = out_dir / "validation_curves.png"
@@ -254,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="json: the paired comparison to scratch as data",
     )
     parser.add_argument(
+        "--versus",
+        metavar="ARM",
+        help="pair every method or arm with this one instead of scratch, e.g. "
+        "'mixcl pretrain_epochs=3' (the names are the rows of the table)",
+    )
+    parser.add_argument(
         "--allow-mixed",
         action="store_true",
         help="report cells from several code versions or kinds of machine (refused by default)",
@@ -266,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.tracking_uri or tracking.default_tracking_uri(args.runs)
     try:
         out = args.out or args.runs / "report" / args.experiment
-        text, plot = make_report(uri, args.experiment, out, allow_mixed=args.allow_mixed)
+        text, plot = make_report(
+            uri, args.experiment, out, allow_mixed=args.allow_mixed, versus=args.versus
+        )
     except (ValueError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

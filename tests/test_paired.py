@@ -99,6 +99,21 @@ def test_a_sweep_that_varies_more_has_arms_each_paired_with_scratch_at_its_setti
     text = paired.render(list(entries.values()))
     assert "| scratch lr=0.002 | 5 % | 6 runs |" in text
     assert "| mixcl l_id=1.0 lr=0.002 | 5 % | 6 |" in text
+    # one arm against another: the question of whether a change to the method helps
+    versus = paired.summary(arms, versus="mixcl l_id=0.0 lr=0.002")
+    assert versus[0] == {
+        "method": "mixcl l_id=0.0 lr=0.002",
+        "label_fraction": 0.05,
+        "n": 6,
+        "mean": pytest.approx(entries["scratch lr=0.002"]["mean"], abs=0.02),
+    }
+    gain = next(e for e in versus if e["method"] == "mixcl l_id=1.0 lr=0.002")
+    assert gain["baseline"] == "mixcl l_id=0.0 lr=0.002" and gain["ci95"][0] > 0.08
+    text = paired.render(versus, "mixcl l_id=0.0 lr=0.002")
+    assert "Paired difference to mixcl l_id=0.0 lr=0.002" in text
+    assert "better than mixcl l_id=0.0 lr=0.002" in text
+    with pytest.raises(ValueError, match="no method or arm named 'mixcl'.*scratch lr=0.001"):
+        paired.summary(arms, versus="mixcl")
     # one arm per method: the names, pairs and numbers of the plain study
     plain = [r for r in rows if r["params"]["lr"] == "0.001" and r["params"]["l_id"] != "0.0"]
     plain += [r for r in rows if r["method"] == "scratch" and r["params"]["lr"] == "0.001"]
@@ -151,6 +166,13 @@ def test_report_json_gives_the_paired_summary_and_mixed_code_is_refused(
     (mixcl,) = [e for e in summary if e["method"] == "mixcl"]
     assert mixcl["n_pairs"] == 3 and mixcl["mean_diff"] == pytest.approx(0.1, abs=0.02)
     assert 0 < mixcl["ci95"][0] < mixcl["ci95"][1]
+    assert main([*args, "--format", "json", "--versus", "mixcl"]) == 0
+    versus = json.loads(capsys.readouterr().out)
+    (scratch,) = [e for e in versus["summary"] if e["method"] == "scratch"]
+    assert versus["versus"] == "mixcl" and scratch["baseline"] == "mixcl"
+    assert scratch["mean_diff"] == pytest.approx(-mixcl["mean_diff"])
+    assert main([*args, "--versus", "identity"]) == 2
+    assert "no method or arm named 'identity'" in capsys.readouterr().err
     other = tracking.start_run(
         uri,
         exp,
