@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Run a label-efficiency study: Ray Tune over loss weights, temperatures and label "
             "fractions; each trial pre-trains (cached) and fine-tunes on Ray Train; MLflow "
             "records every run. With no arguments: the built-in demo on the synthetic "
-            "benchmark, on CPU (about 20 minutes on 2 cores)."
+            "benchmark, on CPU (about 40 minutes on 2 cores)."
         ),
         epilog="dimensions of a space file (also the params of every trial in MLflow):\n\n"
         + markdown(),
