@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -200,6 +201,8 @@ def make_report(
     from mixcl_ray import paired
     from mixcl_ray.plots import label_efficiency_png, validation_curves_png
 
+    # one progress bar per trial's per-case table drowned the report (a user's setting wins)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     rows, parent_id = collect(uri, experiment, parent_id)
     if not rows:
         raise ValueError(
