@@ -59,7 +59,7 @@ def label_efficiency_png(summary: dict, path: str | os.PathLike, metric_name: st
     ax.set_xscale("log")
     ax.set_xlabel("labelled training cases of the target (%)")
     ax.set_ylabel(metric_name)
-    ax.set_title("label efficiency (mean ± std over seeds)")
+    ax.set_title("label efficiency (mean ± std over runs)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -3,9 +3,10 @@ and the trials' validation curves, read from MLflow (the trial runs of a sweep),
 and logged to the sweep's run.
 
 The figures are test-split Dice (``test/dice_mean``), which no choice in the sweep has seen;
-mean ± std over seeds, and each method's paired difference to scratch at the same label
-fraction (same labelled subset and seed) with a 95 % bootstrap interval over the pairs and then
-the test cases (``mixcl_ray.paired``); an interval that spans 0 is no detectable difference.
+mean ± std over runs (seeds and labelled subsets), and each method's paired difference to
+scratch at the same label fraction (same labelled subset and seed) with a 95 % bootstrap
+interval over the pairs and then the test cases (``mixcl_ray.paired``); an interval that spans
+0 is no detectable difference.
 Cells from several code versions or kinds of machine are refused unless ``--allow-mixed``.
 """
 
@@ -102,7 +103,8 @@ def check_one_kind(rows: list[dict]) -> None:
 
 
 def summarise(rows: list[dict], key: str = "test") -> dict:
-    """{method: {label_fraction: (mean, std, n)}} over seeds (std with ddof=0 for n = 1)."""
+    """{method: {label_fraction: (mean, std, n)}} over runs: seeds and labelled subsets (std
+    with ddof=0 for n = 1)."""
     groups: dict = {}
     for row in rows:
         groups.setdefault(row["method"], {}).setdefault(row["label_fraction"], []).append(row[key])
@@ -116,7 +118,8 @@ def render_table(summary: dict, split: str = "Test-split") -> str:
     fractions = sorted({f for by in summary.values() for f in by})
     header = "| method | " + " | ".join(f"{100 * f:g} % labels" for f in fractions) + " |"
     lines = [
-        f"{split} Dice (mean ± std over seeds, n runs); in brackets the gain over scratch.",
+        f"{split} Dice (mean ± std over runs: seeds and labelled subsets); in brackets the gain "
+        "over scratch.",
         "",
         header,
         "|" + "---|" * (len(fractions) + 1),
