@@ -9,12 +9,24 @@ settings."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 BOOTSTRAP = 2000
 PAIR_KEY = ("label_subset", "seed")
 # what tells the cells of one arm apart, not the arms
 CELL_DIMENSIONS = ("method", "label_fraction", *PAIR_KEY)
+
+
+def row_order(method: str) -> tuple:
+    """Sort key of a table's rows: scratch (and its arms) first, then by name with the numbers
+    in it compared as numbers ("pretrain_epochs=3" before "pretrain_epochs=12")."""
+    parts = re.split(r"(-?\d+(?:\.\d+)?)", method)
+    return (
+        not method.startswith("scratch"),
+        tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts)),
+    )
 
 
 def label_arms(rows: list[dict], dimensions) -> list[dict]:
@@ -110,7 +122,9 @@ def summary(rows: list[dict], versus: str | None = None) -> list[dict]:
         raise ValueError(f"no method or arm named {versus!r} in the sweep; it has: {names}")
     out = []
     fractions = sorted({r["label_fraction"] for r in rows})
-    methods = sorted({r["method"] for r in rows}, key=lambda m: (not _is_scratch(rows, m), m))
+    methods = sorted(
+        {r["method"] for r in rows}, key=lambda m: (not _is_scratch(rows, m), row_order(m))
+    )
     if versus is not None:
         methods = [versus, *(m for m in methods if m != versus)]
     for fraction in fractions:

@@ -49,7 +49,9 @@ def label_efficiency_png(summary: dict, path: str | os.PathLike, metric_name: st
     """summary: {method: {label_fraction: (mean, std, n)}} -> Dice against label fraction."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, by_fraction in sorted(summary.items()):
+    from mixcl_ray.paired import row_order
+
+    for method, by_fraction in sorted(summary.items(), key=lambda item: row_order(item[0])):
         fractions = sorted(by_fraction)
         means = [by_fraction[f][0] for f in fractions]
         stds = [by_fraction[f][1] for f in fractions]
@@ -73,7 +75,9 @@ def validation_curves_png(rows: list[dict], path: str | os.PathLike) -> None:
     method: whether a method's Dice holds or falls after its peak is seen at a glance."""
     plt = _pyplot()
     fractions = sorted({r["label_fraction"] for r in rows})
-    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "scratch", m))
+    from mixcl_ray.paired import row_order
+
+    methods = sorted({r["method"] for r in rows}, key=row_order)
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
     fig, axes = plt.subplots(
         1, len(fractions), figsize=(4 * len(fractions), 3.5), sharey=True, squeeze=False
@@ -110,7 +114,9 @@ def paired_png(entries: list[dict], path: str | os.PathLike) -> None:
     label fraction, with its 95 % interval as the bar."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    methods = sorted({e["method"] for e in entries if "ci95" in e})
+    from mixcl_ray.paired import row_order
+
+    methods = sorted({e["method"] for e in entries if "ci95" in e}, key=row_order)
     for i, method in enumerate(methods):
         rows = sorted(
             (e for e in entries if e["method"] == method and "ci95" in e),

@@ -22,7 +22,7 @@ import numpy as np
 
 from mixcl_ray import tracking, tracking_access
 from mixcl_ray.dimensions import DIMENSIONS
-from mixcl_ray.paired import label_arms
+from mixcl_ray.paired import label_arms, row_order
 
 REPORT_METRIC = "test/dice_mean"
 CURVE_METRIC = "val/dice_mean"
@@ -125,7 +125,7 @@ def render_table(summary: dict, split: str = "Test-split") -> str:
         "|" + "---|" * (len(fractions) + 1),
     ]
     scratch = summary.get("scratch", {})
-    for method in sorted(summary, key=lambda m: (m != "scratch", m)):
+    for method in sorted(summary, key=row_order):
         cells = []
         for f in fractions:
             if f not in summary[method]:

@@ -122,6 +122,19 @@ def test_a_sweep_that_varies_more_has_arms_each_paired_with_scratch_at_its_setti
     assert paired.summary(labelled) == paired.summary(plain)
 
 
+def test_rows_sort_scratch_first_and_numbers_as_numbers():
+    names = ["mixcl pretrain_epochs=12", "label", "scratch lr=0.01", "mixcl pretrain_epochs=3"]
+    names += ["scratch lr=0.002", "mixcl"]
+    assert sorted(names, key=paired.row_order) == [
+        "scratch lr=0.002",
+        "scratch lr=0.01",
+        "label",
+        "mixcl",
+        "mixcl pretrain_epochs=3",
+        "mixcl pretrain_epochs=12",
+    ]
+
+
 def test_the_bootstrap_is_seeded_and_resamples_pairs_then_cases():
     found = paired.pairs(_study(gain=0.02, noise=0.1, pairs=3), "mixcl", 0.05)
     assert paired.bootstrap_ci(found) == paired.bootstrap_ci(found)
