@@ -16,17 +16,14 @@ def _fraction(value) -> str | None:
     return None if 0 <= value <= 1 else f"{value} is not in [0, 1]"
 
 
-def _whole(value) -> str | None:
-    return None if value >= 0 and value == int(value) else f"{value!r} is not a whole number >= 0"
+def _whole(minimum: int = 0, what: str = "whole number"):
+    """The check of a whole-number dimension: at least ``minimum``."""
 
+    def check(value) -> str | None:
+        ok = value >= minimum and value == int(value)
+        return None if ok else f"{value!r} is not a {what} >= {minimum}"
 
-def _positive_whole(value) -> str | None:
-    return None if value >= 1 and value == int(value) else f"{value!r} is not a whole number >= 1"
-
-
-def _whole_voxels(value) -> str | None:
-    ok = value >= 0 and value == int(value)
-    return None if ok else f"{value!r} is not a whole number of voxels >= 0"
+    return check
 
 
 def _view_setting(field: str):
@@ -112,7 +109,7 @@ DIMENSIONS: dict[str, Dimension] = {
             "label_subset",
             int,
             "which seeded nested subset of labelled cases the fraction is drawn from",
-            check=_whole,
+            check=_whole(),
         ),
         Dimension("seed", "both", "optim.seed", int, "seed of both stages", default=0),
         Dimension("lr", "finetune", "optim.lr", float, "fine-tuning learning rate"),
@@ -123,7 +120,7 @@ DIMENSIONS: dict[str, Dimension] = {
             "optim.epochs",
             int,
             "pre-training epochs (the pre-training budget)",
-            check=_positive_whole,
+            check=_whole(1),
             absent=0,
         ),
         Dimension(
@@ -132,7 +129,7 @@ DIMENSIONS: dict[str, Dimension] = {
             "views.crop_offset",
             int,
             "voxels between the two views' crops",
-            check=_whole_voxels,
+            check=_whole(0, "whole number of voxels"),
         ),
         Dimension(
             "rotate_degrees",

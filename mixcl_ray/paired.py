@@ -122,9 +122,7 @@ def summary(rows: list[dict], versus: str | None = None) -> list[dict]:
         raise ValueError(f"no method or arm named {versus!r} in the sweep; it has: {names}")
     out = []
     fractions = sorted({r["label_fraction"] for r in rows})
-    methods = sorted(
-        {r["method"] for r in rows}, key=lambda m: (not _is_scratch(rows, m), row_order(m))
-    )
+    methods = sorted({r["method"] for r in rows}, key=row_order)  # scratch and its arms first
     if versus is not None:
         methods = [versus, *(m for m in methods if m != versus)]
     for fraction in fractions:

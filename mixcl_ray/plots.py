@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from mixcl_ray.paired import row_order
+
 
 def _pyplot():
     import matplotlib
@@ -49,8 +51,6 @@ def label_efficiency_png(summary: dict, path: str | os.PathLike, metric_name: st
     """summary: {method: {label_fraction: (mean, std, n)}} -> Dice against label fraction."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    from mixcl_ray.paired import row_order
-
     for method, by_fraction in sorted(summary.items(), key=lambda item: row_order(item[0])):
         fractions = sorted(by_fraction)
         means = [by_fraction[f][0] for f in fractions]
@@ -75,8 +75,6 @@ def validation_curves_png(rows: list[dict], path: str | os.PathLike) -> None:
     method: whether a method's Dice holds or falls after its peak is seen at a glance."""
     plt = _pyplot()
     fractions = sorted({r["label_fraction"] for r in rows})
-    from mixcl_ray.paired import row_order
-
     methods = sorted({r["method"] for r in rows}, key=row_order)
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
     fig, axes = plt.subplots(
@@ -114,8 +112,6 @@ def paired_png(entries: list[dict], path: str | os.PathLike) -> None:
     label fraction, with its 95 % interval as the bar."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    from mixcl_ray.paired import row_order
-
     methods = sorted({e["method"] for e in entries if "ci95" in e}, key=row_order)
     for i, method in enumerate(methods):
         rows = sorted(
